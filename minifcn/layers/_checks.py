@@ -1,0 +1,49 @@
+"""Argument normalisation and input validation shared by the layers."""
+from __future__ import annotations
+
+import numbers
+
+
+def pair(value, name: str, minimum: int = 0):
+    """Return ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
+    if isinstance(value, numbers.Integral):
+        out = (int(value), int(value))
+    else:
+        try:
+            out = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        if len(out) != 2 or not all(isinstance(v, numbers.Integral) for v in out):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        out = (int(out[0]), int(out[1]))
+    if min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def check_nchw(x, layer: str, channels: int | None = None):
+    """Validate a batched image tensor ``(N, C, H, W)`` of floating dtype."""
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+        raise TypeError(f"{layer}: expected a NumPy or CuPy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: expected input of shape (N, C, H, W), got ndim={x.ndim} shape={tuple(x.shape)}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"{layer}: expected a float32 or float64 input, got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{layer}: expected {channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    return x
+
+
+def check_grad(dy, expected_shape, layer: str):
+    """Validate an upstream gradient against the shape forward produced."""
+    if dy is None:
+        raise ValueError(f"{layer}: backward needs an upstream gradient, got None")
+    if tuple(dy.shape) != tuple(expected_shape):
+        raise ValueError(f"{layer}: upstream gradient has shape {tuple(dy.shape)}, forward produced {tuple(expected_shape)}")
+    return dy
+
+
+def need_forward(cache, layer: str):
+    if cache is None:
+        raise RuntimeError(f"{layer}: backward called before forward")
+    return cache

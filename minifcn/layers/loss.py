@@ -1,0 +1,139 @@
+"""Per-pixel losses: softmax cross-entropy and sigmoid binary cross-entropy.
+
+``forward(logits, labels)`` returns the loss as a Python float and keeps what
+``backward()`` needs; ``backward(scale=1.0)`` returns d(scale * loss)/dlogits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..module import Module
+from ._checks import check_nchw, need_forward
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _check_labels(labels, logits_shape, layer, num_classes, ignore_index):
+    """Integer labels (N, H, W) in [0, num_classes) or equal to ignore_index."""
+    xp = get_array_module(labels)
+    if not hasattr(labels, "dtype") or labels.dtype.kind not in "iub":
+        kind = getattr(getattr(labels, "dtype", None), "name", type(labels).__name__)
+        raise ValueError(f"{layer}: labels must be an integer array, got {kind}")
+    n, _, h, w = logits_shape
+    if labels.shape != (n, h, w):
+        raise ValueError(f"{layer}: labels must have shape (N, H, W) = {(n, h, w)}, got {tuple(labels.shape)}")
+    valid = labels != ignore_index if ignore_index is not None else xp.ones(labels.shape, dtype=bool)
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        value = int(labels[bad].ravel()[0])
+        raise ValueError(f"{layer}: label {value} is out of range for {num_classes} classes "
+                         f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})")
+    return valid
+
+
+class SoftmaxCrossEntropy(Module):
+    """Softmax over channels, then the negative log-likelihood of each pixel's label.
+
+    ``loss_p = -log softmax(z_p)[y_p] = logsumexp(z_p) - z_p[y_p]`` computed
+    stably (the per-pixel maximum is subtracted first), and
+    ``dloss_p/dz_p = softmax(z_p) - onehot(y_p)``.
+
+    Args:
+        ignore_index: label whose pixels contribute nothing (255 in VOC).
+        reduction: 'mean' divides by the (weighted) number of counted pixels,
+            'sum' adds them (the FCN reference: hence its tiny learning rates).
+            A batch with no counted pixel gives loss 0 and zero gradient.
+        class_weight: optional (C,) weights; with 'mean' the divisor is the sum
+            of the counted pixels' weights (PyTorch's convention).
+
+    Inputs: logits (N, C, H, W) float; labels (N, H, W) integer.
+    """
+
+    def __init__(self, ignore_index: int | None = 255, reduction: str = "mean", class_weight=None):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"SoftmaxCrossEntropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.class_weight = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
+        self._cache = None
+
+    def forward(self, logits, labels) -> float:
+        check_nchw(logits, "SoftmaxCrossEntropy")
+        xp = get_array_module(logits)
+        c = logits.shape[1]
+        valid = _check_labels(labels, logits.shape, "SoftmaxCrossEntropy", c, self.ignore_index)
+        if self.class_weight is not None and self.class_weight.shape != (c,):
+            raise ValueError(f"SoftmaxCrossEntropy: class_weight must have shape ({c},), got {self.class_weight.shape}")
+        safe = xp.where(valid, labels, 0).astype(xp.int64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        sumexp = exp.sum(axis=1, keepdims=True)
+        picked = xp.take_along_axis(shifted, safe[:, None], axis=1)[:, 0]
+        pixel_loss = xp.log(sumexp[:, 0]) - picked                    # (N, H, W)
+        weight = valid.astype(logits.dtype)
+        if self.class_weight is not None:
+            weight = weight * xp.asarray(self.class_weight.astype(logits.dtype))[safe]
+        total = weight.sum()
+        norm = (1.0 / float(total) if float(total) > 0 else 0.0) if self.reduction == "mean" else 1.0
+        self._cache = (exp / sumexp, safe, weight, norm)
+        return float((pixel_loss * weight).sum()) * norm
+
+    def backward(self, scale: float = 1.0):
+        """Returns dlogits (N, C, H, W) = scale * norm * weight * (softmax - onehot)."""
+        prob, safe, weight, norm = need_forward(self._cache, "SoftmaxCrossEntropy")
+        xp = get_array_module(prob)
+        grad = prob.copy()
+        onehot_sub = xp.take_along_axis(grad, safe[:, None], axis=1) - 1
+        xp.put_along_axis(grad, safe[:, None], onehot_sub, axis=1)
+        grad *= (weight * prob.dtype.type(scale * norm))[:, None]
+        return grad
+
+    def extra_repr(self):
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class SigmoidBinaryCrossEntropy(Module):
+    """Binary cross-entropy on sigmoid probabilities, for one-channel masks.
+
+    ``loss_p = max(z, 0) - z t + log(1 + exp(-|z|))`` (stable form of
+    ``-t log s(z) - (1-t) log(1 - s(z))``); ``dloss_p/dz = s(z) - t``.
+
+    Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W) with values
+    0 or 1 (or ignore_index). Reduction 'mean' over counted pixels or 'sum'.
+    """
+
+    def __init__(self, reduction: str = "mean", ignore_index: int | None = 255):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"SigmoidBinaryCrossEntropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self._cache = None
+
+    def forward(self, logits, targets) -> float:
+        check_nchw(logits, "SigmoidBinaryCrossEntropy", 1)
+        xp = get_array_module(logits)
+        if hasattr(targets, "ndim") and targets.ndim == 4:
+            if targets.shape[1] != 1:
+                raise ValueError(f"SigmoidBinaryCrossEntropy: targets must be (N, H, W) or (N, 1, H, W), got {tuple(targets.shape)}")
+            targets = targets[:, 0]
+        valid = _check_labels(targets, logits.shape, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+        z = logits[:, 0]
+        t = xp.where(valid, targets, 0).astype(logits.dtype)
+        pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))
+        weight = valid.astype(logits.dtype)
+        count = float(weight.sum())
+        norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
+        prob = 1.0 / (1.0 + xp.exp(-z))
+        self._cache = (prob, t, weight, norm)
+        return float((pixel_loss * weight).sum()) * norm
+
+    def backward(self, scale: float = 1.0):
+        """Returns dlogits (N, 1, H, W) = scale * norm * weight * (sigmoid(z) - t)."""
+        prob, t, weight, norm = need_forward(self._cache, "SigmoidBinaryCrossEntropy")
+        return ((prob - t) * weight * prob.dtype.type(scale * norm))[:, None]
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}"
