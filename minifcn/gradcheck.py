@@ -150,7 +150,8 @@ class _Objective:
             if gi is not None and i < len(self.inputs) and _is_float_array(self.inputs[i]):
                 out[f"input{i}" if len(grads_in) > 1 else "input"] = gi
         for name, p in self.layer.named_parameters():
-            out[name] = p.grad.copy()
+            if p.trainable:  # frozen parameters get no gradient by design
+                out[name] = p.grad.copy()
         return out
 
 
@@ -256,3 +257,59 @@ def _check_elementwise(objective, tname, t, ana, eps, tol) -> TensorReport:
     worst = np.unravel_index(int(np.argmax(rel)), rel.shape) if rel.size else None
     max_rel = float(rel.max(initial=0.0))
     return TensorReport(tname, tuple(t.shape), float(err.max(initial=0.0)), max_rel, worst, max_rel <= tol)
+
+
+def layer_suite(seed: int = 0):
+    """One or more small configurations of every layer: (layer, configuration, factory).
+
+    ``factory()`` returns ``(layer, inputs)``. Inputs avoid the points where
+    ReLU and max pooling are not differentiable (values away from 0, no ties).
+    """
+    from . import layers as L  # noqa: PLC0415 (layers import nothing from here)
+
+    rng = np.random.default_rng(seed)
+
+    def images(*shape):
+        x = rng.permutation(np.prod(shape)).reshape(shape).astype(np.float64)  # distinct values: no ties
+        x = (x - x.mean()) / x.std()
+        return x + np.sign(x) * 0.05  # away from 0
+
+    labels = rng.integers(0, 4, (2, 5, 6))
+    labels[0, 0, :2] = 255
+    cases = [
+        ("Conv2d", "3->4, k3, s1, p1", lambda: (L.Conv2d(3, 4, 3, padding=1), (images(2, 3, 6, 5),))),
+        ("Conv2d", "2->3, k(3,2), s2, p(1,0), d2", lambda: (L.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0), dilation=2), (images(2, 2, 9, 6),))),
+        ("Conv2d", "4->2, k1, no bias", lambda: (L.Conv2d(4, 2, 1, bias=False), (images(1, 4, 3, 5),))),
+        ("ConvTranspose2d", "3->2, k4, s2, p1", lambda: (L.ConvTranspose2d(3, 2, 4, stride=2, padding=1), (images(2, 3, 4, 3),))),
+        ("ConvTranspose2d", "2->3, k(3,2), s(2,3), op(1,2), d2", lambda: (L.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), output_padding=(1, 2), dilation=2), (images(1, 2, 3, 4),))),
+        ("ConvTranspose2d", "1->1, k16, s8, bilinear", lambda: (L.ConvTranspose2d(1, 1, 16, stride=8, bias=False), (images(1, 1, 2, 3),))),
+        ("MaxPool2d", "k2, s2, ceil", lambda: (L.MaxPool2d(2, ceil_mode=True), (images(2, 2, 5, 7),))),
+        ("MaxPool2d", "k3, s2, p1", lambda: (L.MaxPool2d(3, 2, padding=1), (images(1, 3, 6, 6),))),
+        ("Upsample", "nearest x2", lambda: (L.Upsample(2, "nearest"), (images(2, 2, 3, 4),))),
+        ("Upsample", "bilinear x(2,3)", lambda: (L.Upsample((2, 3), "bilinear"), (images(2, 2, 3, 4),))),
+        ("ReLU", "", lambda: (L.ReLU(), (images(2, 3, 4, 5),))),
+        ("Dropout", "p=0.3, train", lambda: (L.Dropout(0.3, seed=1), (images(2, 3, 4, 5),))),
+        ("Crop", "offset (1,2)", lambda: (L.Crop((1, 2)), (images(2, 3, 6, 7), (4, 3)))),
+        ("Add", "", lambda: (L.Add(), (images(2, 3, 4, 5), images(2, 3, 4, 5)))),
+        ("Concat", "3+2 channels", lambda: (L.Concat(), (images(2, 3, 4, 5), images(2, 2, 4, 5)))),
+        ("Scale", "0.01", lambda: (L.Scale(0.01), (images(2, 3, 4, 5),))),
+        ("SoftmaxCrossEntropy", "mean, ignore 255", lambda: (L.SoftmaxCrossEntropy(), (images(2, 4, 5, 6), labels))),
+        ("SoftmaxCrossEntropy", "sum, class weights", lambda: (L.SoftmaxCrossEntropy(reduction="sum", class_weight=[1, 2, 0.5, 1]), (images(2, 4, 5, 6), labels))),
+        ("SigmoidBinaryCrossEntropy", "mean", lambda: (L.SigmoidBinaryCrossEntropy(), (images(2, 1, 5, 6), labels % 2))),
+    ]
+    return cases
+
+
+def run_suite(mode: str = "elementwise", tol: float = 1e-6, seed: int = 0):
+    """Check every layer of :func:`layer_suite`; returns ``(rows, all_passed)``.
+
+    Each row: (layer, configuration, tensor, max relative error, 'ok' or 'FAIL').
+    """
+    rows, passed = [], True
+    for name, config, factory in layer_suite(seed):
+        layer, inputs = factory()
+        report = check_layer(layer, *inputs, mode=mode, tol=tol, seed=seed)
+        for t in report.tensors:
+            rows.append((name, config, t.name, t.max_rel_err, "ok" if t.passed else "FAIL"))
+        passed &= report.passed
+    return rows, passed

@@ -1,0 +1,167 @@
+"""The ``minifcn`` command line: train, eval, predict, gradcheck.
+
+Run ``minifcn --help`` or ``python -m minifcn --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _add_train(sub):
+    from .train import TrainConfig  # noqa: PLC0415
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train an FCN (default: a small FCN-8s on the built-in shapes dataset)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="fcn32s, fcn16s, fcn8s, fcn8s-atonce or encoder-decoder")
+    p.add_argument("--dataset", default=d.dataset, help="shapes (built in), voc or folder")
+    p.add_argument("--data-dir", default=None, help="root of a VOC or folder dataset")
+    p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints, pictures")
+    p.add_argument("--width", type=float, default=d.width, help="channel multiplier (1.0 = the paper's VGG16)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate (matches --reduction; see docs)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--reduction", choices=("mean", "sum"), default=d.reduction,
+                   help="loss normalisation: per-pixel mean, or the reference's sum (needs a ~pixels-times smaller lr)")
+    p.add_argument("--schedule", choices=("constant", "step", "poly"), default=d.schedule)
+    p.add_argument("--learn-upsampling", action="store_true", help="learn the 2x transposed convolutions")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="shapes: image side")
+    p.add_argument("--train-images", type=int, default=d.train_images, help="shapes: training images")
+    p.add_argument("--val-images", type=int, default=d.val_images, help="shapes: held-out images")
+    p.add_argument("--crop-size", type=int, default=None, help="random crops of this side (needed for batches of VOC)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--input-scale", type=float, default=d.input_scale, help="multiplier after mean subtraction")
+    p.add_argument("--bgr", action="store_true", help="feed BGR (Caffe-converted weights)")
+    p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
+    p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_train(args):
+    from .backend import check_device  # noqa: PLC0415
+    from .train import TrainConfig, TrainingDiverged, train  # noqa: PLC0415
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, out=args.out, width=args.width,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                      weight_decay=args.weight_decay, reduction=args.reduction, schedule=args.schedule,
+                      learn_upsampling=args.learn_upsampling, dropout=args.dropout, image_size=args.image_size,
+                      train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
+                      flip=not args.no_flip, input_scale=args.input_scale, bgr=args.bgr,
+                      vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
+                      resume=args.resume, progress=not args.no_progress)
+    start = time.perf_counter()
+    try:
+        history = train(cfg)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    if history:
+        best = max(history, key=lambda r: r["mean_iu"])
+        print(f"done in {time.perf_counter() - start:.0f} s: best mean IU {best['mean_iu']:.4f} at epoch "
+              f"{best['epoch']}; see {cfg.out}/ (metrics.jsonl, loss.png, predictions.png, best.npz)")
+    return 0
+
+
+def cmd_eval(args):
+    from .data import DataLoader, IMAGENET_MEAN_RGB, get_dataset, validate_dataset  # noqa: PLC0415
+    from .metrics import format_scores  # noqa: PLC0415
+    from .train import TrainConfig, evaluate, load_model  # noqa: PLC0415
+
+    model, meta = load_model(args.checkpoint, args.device or "cpu")
+    cfg = TrainConfig.from_dict(meta["config"])
+    name = args.dataset or (cfg.dataset if not args.data_dir else "folder")
+    if name == "shapes":
+        dataset = get_dataset("shapes", split=args.split, image_size=cfg.image_size, seed=cfg.seed,
+                              num_images=cfg.val_images if args.split == "val" else cfg.train_images)
+    else:
+        dataset = get_dataset(name, args.data_dir or cfg.data_dir, split=args.split)
+    validate_dataset(dataset, meta["num_classes"])
+    loader = DataLoader(dataset, 1, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
+    scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu")
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"{args.checkpoint}: {name} {args.split} split, {len(dataset)} images")
+        print(format_scores(scores, meta.get("class_names")))
+    return 0
+
+
+def cmd_predict(args):
+    import numpy as np  # noqa: PLC0415
+
+    from .backend import to_device, to_numpy  # noqa: PLC0415
+    from .data import IMAGENET_MEAN_RGB, read_image, to_tensor  # noqa: PLC0415
+    from .train import TrainConfig, load_model, predict_labels  # noqa: PLC0415
+    from .viz import overlay, save_png  # noqa: PLC0415
+
+    device = args.device or "cpu"
+    model, meta = load_model(args.checkpoint, device)
+    cfg = TrainConfig.from_dict(meta["config"])
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.images:
+        image = read_image(path)
+        x = to_tensor(image, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)[None]
+        pred = to_numpy(predict_labels(model, to_device(np.ascontiguousarray(x), device)))[0]
+        target = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_overlay.png")
+        save_png(overlay(image, pred), target)
+        present = sorted(set(np.unique(pred).tolist()) - {0})
+        names = meta.get("class_names") or []
+        print(f"{path} -> {target}  classes: {', '.join(names[c] if c < len(names) else str(c) for c in present) or 'none'}")
+    return 0
+
+
+def cmd_gradcheck(args):
+    from .gradcheck import run_suite  # noqa: PLC0415
+
+    rows, passed = run_suite(mode=args.mode, tol=args.tol)
+    header = ("layer", "configuration", "tensor", "max rel err", "result")
+    table = [header] + [(a, b, c, f"{e:.2e}", r) for a, b, c, e, r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    print(f"gradient check of every layer: float64, central differences, {args.mode} mode, tol {args.tol:g}\n")
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    failed = sum(r[-1] == "FAIL" for r in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 0 if passed else 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="minifcn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    p = sub.add_parser("eval", help="evaluate a checkpoint: the four FCN metrics and per-class IU")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", default=None, help="shapes, voc or folder (default: the training dataset)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p = sub.add_parser("predict", help="write a colour overlay PNG of the prediction for each image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("gradcheck", help="check every layer's backward against central differences")
+    p.add_argument("--mode", choices=("elementwise", "random"), default="elementwise")
+    p.add_argument("--tol", type=float, default=1e-6)
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        # Bad input (a corrupt checkpoint, a missing dataset, a label out of range...): one clear line.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,172 @@
+"""SGD with momentum, weight decay and per-parameter multipliers, and learning-rate schedules.
+
+Update of one parameter ``w`` with gradient ``g`` (PyTorch's form)::
+
+    g  <- g + weight_decay * decay_mult * w
+    v  <- momentum * v + g
+    w  <- w - lr * lr_mult * (v            if not nesterov
+                              g + momentum * v   if nesterov)
+
+Loss normalisation and learning rate go together. With ``reduction='sum'``
+(the FCN reference: the loss is summed over every pixel of a whole image) the
+gradient is about (number of pixels) times larger than with ``'mean'``, so
+the reference's learning rate is 1e-10 (FCN-32s) where a per-pixel mean loss
+uses about 1e-4 to 1e-2. A mean-loss learning rate with a summed loss
+diverges (NaN); a sum-loss learning rate with a mean loss does not learn.
+:func:`suggest_lr` states the correspondence.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import get_array_module
+from .module import Module, Parameter
+
+_CHUNK = 1 << 20  # elements updated at a time: keeps the scratch buffer small and cache-friendly
+
+
+def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float = 1e-2) -> float:
+    """The learning rate that gives the same step for a 'sum' loss as ``mean_lr`` for a 'mean' loss."""
+    if reduction == "mean":
+        return mean_lr
+    if reduction == "sum":
+        return mean_lr / max(1, int(pixels_per_batch))
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+class SGD:
+    """Stochastic gradient descent.
+
+    Args:
+        params: a Module, a list of Parameters, or ``named_parameters()``
+            pairs. Parameters with ``trainable=False`` are left alone.
+        lr: base learning rate; each parameter uses ``lr * p.lr_mult``.
+        momentum, weight_decay (times ``p.decay_mult``), nesterov.
+
+    ``step()`` updates in place, in chunks of 2^20 elements through one
+    scratch buffer, so no temporary as large as a parameter is made.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
+        if isinstance(params, Module):
+            params = params.named_parameters()
+        named = []
+        for i, item in enumerate(params):
+            name, p = item if isinstance(item, tuple) else (str(i), item)
+            if not isinstance(p, Parameter):
+                raise TypeError(f"SGD: expected Parameters, got {type(p).__name__} for {name!r}")
+            if p.trainable:
+                named.append((name, p))
+        if not named:
+            raise ValueError("SGD: no trainable parameters")
+        if not lr > 0 or not math.isfinite(lr):
+            raise ValueError(f"SGD: lr must be a positive finite number, got {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay!r}")
+        if nesterov and momentum == 0:
+            raise ValueError("SGD: nesterov needs momentum > 0")
+        self.named_params = named
+        self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
+        self.velocity = {name: get_array_module(p.data).zeros_like(p.data) for name, p in named}
+        self._scratch = {}
+
+    def zero_grad(self) -> None:
+        for _, p in self.named_params:
+            p.zero_grad()
+
+    def _buffer(self, xp, dtype, size):
+        key = (xp.__name__, np.dtype(dtype).str)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < min(size, _CHUNK):
+            buf = self._scratch[key] = xp.empty(min(size, _CHUNK) if size > 0 else 1, dtype=dtype)
+        return buf
+
+    def step(self) -> None:
+        mu = self.momentum
+        for name, p in self.named_params:
+            xp = get_array_module(p.data)
+            w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
+            lr = self.lr * p.lr_mult
+            wd = self.weight_decay * p.decay_mult
+            buf = self._buffer(xp, w.dtype, w.size)
+            for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
+                sl = slice(start, start + buf.size)
+                wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
+                if wd:
+                    xp.multiply(wc, wd, out=b)   # b = g + wd * w
+                    b += gc
+                else:
+                    b[...] = gc
+                if mu:
+                    vc *= mu                      # v = mu * v + b
+                    vc += b
+                    if self.nesterov:
+                        b += mu * vc              # b = b + mu * v (a chunk-sized temporary)
+                    else:
+                        b[...] = vc
+                b *= lr
+                wc -= b
+
+    def state_dict(self):
+        """Momentum buffers by parameter name (arrays), for checkpoints."""
+        return {f"momentum.{name}": v for name, v in self.velocity.items()}
+
+    def load_state_dict(self, state) -> None:
+        for name, v in self.velocity.items():
+            key = f"momentum.{name}"
+            if key not in state:
+                raise KeyError(f"SGD state: missing {key!r}")
+            value = state[key]
+            if tuple(value.shape) != tuple(v.shape):
+                raise ValueError(f"SGD state: {key} has shape {tuple(value.shape)}, expected {tuple(v.shape)}")
+            xp = get_array_module(v)
+            v[...] = xp.asarray(value, dtype=v.dtype)
+
+
+class ConstantLR:
+    """``lr(t) = base``."""
+
+    def __init__(self, base: float):
+        self.base = float(base)
+
+    def __call__(self, iteration: int) -> float:
+        return self.base
+
+
+class StepLR:
+    """``lr(t) = base * gamma ** floor(t / step_size)``."""
+
+    def __init__(self, base: float, step_size: int, gamma: float = 0.1):
+        if step_size < 1:
+            raise ValueError(f"StepLR: step_size must be >= 1, got {step_size}")
+        self.base, self.step_size, self.gamma = float(base), int(step_size), float(gamma)
+
+    def __call__(self, iteration: int) -> float:
+        return self.base * self.gamma ** (iteration // self.step_size)
+
+
+class PolyLR:
+    """``lr(t) = base * (1 - t / max_iter) ** power`` (0 from max_iter on)."""
+
+    def __init__(self, base: float, max_iter: int, power: float = 0.9):
+        if max_iter < 1:
+            raise ValueError(f"PolyLR: max_iter must be >= 1, got {max_iter}")
+        self.base, self.max_iter, self.power = float(base), int(max_iter), float(power)
+
+    def __call__(self, iteration: int) -> float:
+        return self.base * max(0.0, 1.0 - iteration / self.max_iter) ** self.power
+
+
+def make_schedule(name: str, base: float, max_iter: int, step_size: int | None = None, gamma: float = 0.1):
+    """'constant', 'step' (step_size defaults to a third of max_iter) or 'poly'."""
+    if name == "constant":
+        return ConstantLR(base)
+    if name == "step":
+        return StepLR(base, step_size or max(1, max_iter // 3), gamma)
+    if name == "poly":
+        return PolyLR(base, max_iter)
+    raise ValueError(f"unknown schedule {name!r}; choose constant, step or poly")
