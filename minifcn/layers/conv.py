@@ -148,7 +148,7 @@ class Conv2d(Module):
         if self.weight.trainable:
             self.weight.grad += conv2d_weight_grad(dy, cols, self.weight.shape)
         if self.bias is not None and self.bias.trainable:
-            self.bias.grad = dy.sum(axis=(0, 2, 3))
+            self.bias.grad += dy.sum(axis=(0, 2, 3))
         return conv2d_input_grad(dy, self.weight.data, x_shape, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):

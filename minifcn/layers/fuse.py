@@ -29,13 +29,12 @@ class Crop(Module):
         if oy + hr > x.shape[2] or ox + wr > x.shape[3]:
             raise ValueError(f"Crop: offset {self.offset} + size ({hr}, {wr}) exceeds the input's spatial size "
                              f"{tuple(x.shape[2:])}")
-        self._cache = x.shape
+        self._cache = (x.shape, (*x.shape[:2], hr, wr))
         return x[:, :, oy:oy + hr, ox:ox + wr]
 
     def backward(self, dy):
-        x_shape = need_forward(self._cache, "Crop")
-        if dy.shape[:2] != x_shape[:2]:
-            raise ValueError(f"Crop: upstream gradient shape {tuple(dy.shape)} does not fit input shape {tuple(x_shape)}")
+        x_shape, y_shape = need_forward(self._cache, "Crop")
+        check_grad(dy, y_shape, "Crop")
         xp = get_array_module(dy)
         dx = xp.zeros(x_shape, dtype=dy.dtype)
         oy, ox = self.offset

@@ -122,11 +122,12 @@ class SigmoidBinaryCrossEntropy(Module):
         valid = _check_labels(targets, logits.shape, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         z = logits[:, 0]
         t = xp.where(valid, targets, 0).astype(logits.dtype)
-        pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(xp.exp(-xp.abs(z)))
+        e = xp.exp(-xp.abs(z))                                        # in (0, 1]: never overflows
+        pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(e)
         weight = valid.astype(logits.dtype)
         count = float(weight.sum())
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
-        prob = 1.0 / (1.0 + xp.exp(-z))
+        prob = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))             # sigmoid(z) without exp(-z)
         self._cache = (prob, t, weight, norm)
         return float((pixel_loss * weight).sum()) * norm
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: the array-module switch and tie-free random inputs.
+
+``xp`` runs a test once on NumPy and once on CuPy (the CuPy run is marked
+``gpu`` and skipped where no GPU is visible), so layer tests are written once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minifcn.backend import gpu_available, to_numpy
+
+_NO_GPU = "CuPy with a visible CUDA device is not available (minifcn.backend.gpu_available() is False)"
+
+
+@pytest.fixture(params=[
+    pytest.param("numpy", id="numpy"),
+    pytest.param("cupy", id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=_NO_GPU)]),
+])
+def xp(request):
+    """The array module a test runs on: ``numpy``, or ``cupy`` when a GPU is there."""
+    if request.param == "numpy":
+        return np
+    import cupy  # noqa: PLC0415 (only reached when gpu_available())
+
+    return cupy
+
+
+def tie_free_array(shape, rng, step=2e-3, margin=0.1):
+    """Distinct values in random order: consecutive values differ by ``step`` (> 1e-3,
+    so max-pool windows have a clear winner under a 1e-5 finite-difference
+    step) and every value is at least ``margin`` away from 0 (no ReLU kink)."""
+    size = int(np.prod(shape))
+    v = (rng.permutation(size) - size // 2 + 0.5) * step
+    v = v + np.sign(v) * margin
+    return v.reshape(shape)
+
+
+def max_rel_err(actual, expected) -> float:
+    """``max |actual - expected| / max |expected|``: one tensor-wide relative error."""
+    a = to_numpy(actual).astype(np.float64)
+    e = to_numpy(expected).astype(np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
+    scale = max(float(np.abs(e).max(initial=0.0)), 1e-300)
+    return float(np.abs(a - e).max(initial=0.0)) / scale
+
+
+@pytest.fixture
+def rng():
+    """A fresh, seeded NumPy Generator per test."""
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def tie_free():
+    """``tie_free(shape, rng)``: see :func:`tie_free_array`."""
+    return tie_free_array
+
+
+@pytest.fixture
+def rel_err():
+    """``rel_err(actual, expected)``: see :func:`max_rel_err`."""
+    return max_rel_err

@@ -1,0 +1,119 @@
+"""ReLU and Dropout: gradients, the reference, modes, dtypes and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minifcn import reference as ref
+from minifcn.backend import to_numpy
+from minifcn.gradcheck import check_layer
+from minifcn.layers import Dropout, ReLU
+
+SHAPES = [(1, 1, 3, 4), (2, 3, 5, 4), (3, 5, 2, 7)]
+SHAPE_IDS = ["n1-c1-3x4", "n2-c3-5x4", "n3-c5-2x7"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("mode", ["random", "elementwise"])
+def test_relu_gradcheck(shape, mode, xp, rng, tie_free):
+    x = xp.asarray(tie_free(shape, rng))  # every value at least 0.1 away from the kink
+    report = check_layer(ReLU(), x, mode=mode)
+    assert report.passed and report.max_rel_err < 1e-6, str(report)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_relu_matches_reference(shape, xp, rng, rel_err):
+    x = rng.standard_normal(shape)
+    layer = ReLU()
+    y = layer(xp.asarray(x))
+    assert rel_err(y, ref.relu(x)) == 0.0
+    dy = rng.standard_normal(shape)
+    assert rel_err(layer.backward(xp.asarray(dy)), ref.relu_backward(x, dy)) == 0.0
+
+
+def test_relu_gradient_at_zero_is_zero_and_inplace():
+    x = np.array([[[[-1.0, 0.0, 2.0]]]])
+    layer = ReLU()
+    np.testing.assert_array_equal(layer(x), [[[[0.0, 0.0, 2.0]]]])
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)), [[[[0.0, 0.0, 1.0]]]])
+    assert x[0, 0, 0, 0] == -1.0  # not in place by default
+    inplace = ReLU(inplace=True)
+    y = inplace(x)
+    assert y is x and x[0, 0, 0, 0] == 0.0
+    np.testing.assert_array_equal(inplace.backward(np.full_like(x, 3.0)), [[[[0.0, 0.0, 3.0]]]])
+
+
+def test_relu_errors():
+    layer = ReLU()
+    with pytest.raises(RuntimeError, match=r"ReLU: backward called before forward"):
+        layer.backward(np.zeros(3))
+    layer(np.zeros((1, 2, 3, 3)))
+    with pytest.raises(ValueError, match=r"upstream gradient has shape \(1, 2, 3\)"):
+        layer.backward(np.zeros((1, 2, 3)))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("mode", ["random", "elementwise"])
+def test_dropout_gradcheck_train_mode(p, mode, xp, rng):
+    layer = Dropout(p, seed=3)
+    report = check_layer(layer, xp.asarray(rng.standard_normal((2, 3, 4, 5))), mode=mode)
+    assert report.passed and report.max_rel_err < 1e-6, str(report)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_matches_reference_with_its_mask(p, xp, rng, rel_err):
+    x = rng.standard_normal((2, 3, 6, 5))
+    layer = Dropout(p, seed=11)
+    y = layer(xp.asarray(x))
+    keep = to_numpy(y) != 0  # x has no zeros, so the kept entries are the nonzero ones
+    assert 0 < keep.sum() < keep.size
+    assert rel_err(y, ref.dropout(x, keep, p)) < 1e-15
+    dy = rng.standard_normal(x.shape)
+    assert rel_err(layer.backward(xp.asarray(dy)), ref.dropout_backward(keep, dy, p)) < 1e-15
+
+
+def test_dropout_statistics_and_seed():
+    x = np.ones((4, 8, 32, 32))
+    y = Dropout(0.3, seed=0)(x)
+    kept = y != 0
+    assert abs(kept.mean() - 0.7) < 0.01                      # Bernoulli(1 - p) mask
+    np.testing.assert_allclose(y[kept], 1.0 / 0.7)            # inverted: the mean is preserved
+    np.testing.assert_array_equal(Dropout(0.3, seed=5)(x), Dropout(0.3, seed=5)(x))
+    layer = Dropout(0.3, seed=5)
+    assert not np.array_equal(layer(x), layer(x))              # a fresh mask per forward
+
+
+def test_dropout_eval_mode_and_p_zero_are_identity(rng):
+    x = rng.standard_normal((2, 3, 4, 4))
+    dy = rng.standard_normal(x.shape)
+    layer = Dropout(0.5, seed=0).eval()
+    np.testing.assert_array_equal(layer(x), x)
+    np.testing.assert_array_equal(layer.backward(dy), dy)
+    layer.train()
+    assert not np.array_equal(layer(x), x)
+    zero = Dropout(0.0)
+    np.testing.assert_array_equal(zero(x), x)
+    np.testing.assert_array_equal(zero.backward(dy), dy)
+
+
+def test_float32_stays_float32(xp, rng, rel_err):
+    x = rng.standard_normal((2, 3, 4, 5))
+    dy = rng.standard_normal(x.shape)
+    for make in (lambda: ReLU(), lambda: Dropout(0.4, seed=2)):
+        l32, l64 = make(), make()
+        y32, y64 = l32(xp.asarray(x.astype(np.float32))), l64(xp.asarray(x))
+        dx32, dx64 = l32.backward(xp.asarray(dy.astype(np.float32))), l64.backward(xp.asarray(dy))
+        assert y32.dtype == dx32.dtype == np.float32
+        assert rel_err(y32, y64) < 1e-4 and rel_err(dx32, dx64) < 1e-4
+
+
+def test_dropout_errors():
+    for p in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"p must be in \[0, 1\), got {p}"):
+            Dropout(p)
+    layer = Dropout(0.5)
+    with pytest.raises(RuntimeError, match=r"Dropout: backward called before forward"):
+        layer.backward(np.zeros((1, 1, 2, 2)))
+    layer(np.zeros((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match=r"upstream gradient has shape \(1, 1, 2, 3\)"):
+        layer.backward(np.zeros((1, 1, 2, 3)))
