@@ -22,7 +22,23 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ._checks import check_grad, check_nchw, need_forward, pair
-from .im2col import col2im, conv_output_size, conv_transpose_output_size, im2col
+from .im2col import col2im, conv_output_size, conv_transpose_output_size, im2col, workspace
+
+
+def channels_first(a):
+    """(N, C, H, W) -> (C, N*H*W): the column layout of im2col (a view when N == 1)."""
+    n, c, h, w = a.shape
+    if n == 1:
+        return a.reshape(c, h * w)
+    return get_array_module(a).ascontiguousarray(a.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
+
+
+def batch_first(a, n, h, w):
+    """(C, N*H*W) -> (N, C, H, W), inverse of :func:`channels_first`."""
+    c = a.shape[0]
+    if n == 1:
+        return a.reshape(1, c, h, w)
+    return get_array_module(a).ascontiguousarray(a.reshape(c, n, h, w).transpose(1, 0, 2, 3))
 
 
 def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None):
@@ -31,13 +47,19 @@ def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None):
     Inputs:
         x: (N, Cin, H, W); weight: (Cout, Cin, kh, kw); geometry as (h, w) pairs.
     Returns:
-        y: (N, Cout, OH, OW), and cols: (N, Cin*kh*kw, OH*OW) for the weight gradient.
+        y: (N, Cout, OH, OW), and cols: (Cin*kh*kw, N*OH*OW), the unfolded
+        input, which lives in a shared workspace: use it (for the weight
+        gradient) before the next convolution runs.
     """
-    cout = weight.shape[0]
-    cols, (oh, ow) = im2col(x, weight.shape[2:], stride, padding, dilation, out_hw)
-    # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, OH*OW) -> (N, Cout, OH*OW): already NCHW.
-    y = weight.reshape(cout, -1) @ cols
-    return y.reshape(x.shape[0], cout, oh, ow), cols
+    xp = get_array_module(x)
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    oh, ow = out_hw or (conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+                        conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    out = workspace(xp, x.dtype, (cin * kh * kw, n * oh * ow))
+    cols, _ = im2col(x, (kh, kw), stride, padding, dilation, (oh, ow), out=out)
+    y = weight.reshape(cout, -1) @ cols  # (Cout, Cin*kh*kw) @ (Cin*kh*kw, N*OH*OW)
+    return batch_first(y, n, oh, ow), cols
 
 
 def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
@@ -48,30 +70,27 @@ def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
     Returns:
         dx: (N, Cin, H, W).
     """
-    n, cout, oh, ow = dy.shape
-    w2 = weight.reshape(cout, -1)
-    dcols = w2.T @ dy.reshape(n, cout, oh * ow)  # (N, Cin*kh*kw, OH*OW)
+    xp = get_array_module(dy)
+    oh, ow = dy.shape[2:]
+    cout = weight.shape[0]
+    dy2 = channels_first(dy)                                     # (Cout, N*OH*OW)
+    dcols = workspace(xp, dy.dtype, (weight[0].size, dy2.shape[1]))
+    xp.matmul(weight.reshape(cout, -1).T, dy2, out=dcols)        # (Cin*kh*kw, N*OH*OW)
     return col2im(dcols, x_shape, weight.shape[2:], stride, padding, dilation, (oh, ow))
 
 
 def conv2d_weight_grad(dy, cols, weight_shape):
-    """``dW[o, k] = sum_n sum_l dy[n, o, l] * cols[n, k, l]``.
+    """``dW[o, k] = sum over batch and positions of dy[n, o, l] * cols[k, (n, l)]``.
 
     Inputs:
-        dy: (N, Cout, OH, OW); cols: (N, Cin*kh*kw, OH*OW) from the forward pass.
+        dy: (N, Cout, OH, OW); cols: (Cin*kh*kw, N*OH*OW), im2col of the input.
     Returns:
         dW: weight_shape = (Cout, Cin, kh, kw).
     """
-    n, cout = dy.shape[:2]
-    dy_t = dy.reshape(n, cout, -1).transpose(0, 2, 1)  # (N, OH*OW, Cout), a view
     # cols @ dy^T, then transpose the small result: OpenBLAS is several times
-    # faster this way round than dy @ cols^T when OH*OW is the long dimension.
-    if n == 1:
-        dw_t = cols[0] @ dy_t[0]
-    else:
-        dw_t = (cols @ dy_t).sum(axis=0)
-    dw = dw_t.T
-    return dw.reshape(weight_shape)
+    # faster this way round than dy @ cols^T when N*OH*OW is the long dimension.
+    dw_t = cols @ channels_first(dy).T   # (Cin*kh*kw, Cout)
+    return dw_t.T.reshape(weight_shape)
 
 
 def _check_same_dtype(x, weight, layer):
@@ -135,21 +154,26 @@ class Conv2d(Module):
                     f"Conv2d: kernel extent {span} (kernel_size={self.kernel_size}, dilation={self.dilation}) "
                     f"is larger than the padded input {'HW'[axis]}={size}+2*{self.padding[axis]} "
                     f"(input shape {tuple(x.shape)})")
-        y, cols = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation)
+        y, _ = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)
-        self._cache = (x.shape, cols, y.shape)
+        # Keep the input, not its columns: backward unfolds it again into the
+        # shared workspace (one im2col more, but no columns held per layer).
+        self._cache = (x, y.shape)
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W); adds dW, db into .grad."""
-        x_shape, cols, y_shape = need_forward(self._cache, "Conv2d")
+        x, y_shape = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
         if self.weight.trainable:
+            xp = get_array_module(x)
+            out = workspace(xp, x.dtype, (self.weight.data[0].size, dy.shape[0] * dy.shape[2] * dy.shape[3]))
+            cols, _ = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation, dy.shape[2:], out=out)
             self.weight.grad += conv2d_weight_grad(dy, cols, self.weight.shape)
         if self.bias is not None and self.bias.trainable:
             self.bias.grad += dy.sum(axis=(0, 2, 3))
-        return conv2d_input_grad(dy, self.weight.data, x_shape, self.stride, self.padding, self.dilation)
+        return conv2d_input_grad(dy, self.weight.data, x.shape, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -4,12 +4,46 @@
 convolution becomes one matrix product. ``col2im`` is its *adjoint*, not its
 inverse: it adds (``+=``) every column entry back to the input pixel it came
 from, so pixels covered by several windows receive the sum of their
-contributions. Both loop over the ``kh * kw`` kernel offsets only; each step
-moves a whole strided slice of every image, channel and output position.
+contributions.
+
+Layout: columns are ``(C * kh * kw, N * OH * OW)``. Row ``c * kh * kw + i * kw + j``
+matches a PyTorch weight ``(out, C, kh, kw)`` flattened to ``(out, C*kh*kw)``;
+the batch is folded into the columns, so one matrix product serves the whole
+batch (for N = 1 this is the same memory as ``(1, C*kh*kw, OH*OW)``).
+
+Both loop over kernel offsets only, each step moving a whole strided slice of
+every image, channel and output position. When the stride divides the kernel
+(``k = m * s``, as in FCN's ``k = 2s`` upsampling) the offsets ``i = a*s + r``
+are taken ``s x s`` at a time through a ``(H/s, s)`` view of the input:
+``m * m`` steps instead of ``k * k`` (4 instead of 4096 for k = 64, s = 32).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import get_array_module
+
+_workspaces = {}
+
+
+def workspace(xp, dtype, shape):
+    """A reusable scratch array of ``shape`` (valid until the next call with the same xp and dtype).
+
+    Columns live here only between an ``im2col`` and the matrix product that
+    consumes them, so the largest layer's columns are allocated once per run
+    instead of once per layer and step.
+    """
+    size = int(np.prod(shape))
+    key = (xp.__name__, np.dtype(dtype).str)
+    buf = _workspaces.get(key)
+    if buf is None or buf.size < size:
+        buf = _workspaces[key] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+def release_workspaces() -> None:
+    """Free the scratch buffers (they are re-created on demand)."""
+    _workspaces.clear()
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
@@ -23,16 +57,36 @@ def conv_transpose_output_size(size: int, kernel: int, stride: int = 1, padding:
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
-def _offset_slices(i, j, kernel, stride, dilation, out_hw):
-    """Index of the padded input read by kernel offset (i, j) for every output position."""
+def _window(i, j, stride, dilation, out_hw):
+    """The strided slice of the padded input that kernel offset (i, j) reads, for every output."""
     (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
-    r0, c0 = i * dh, j * dw
     return (slice(None), slice(None),
-            slice(r0, r0 + sh * (oh - 1) + 1, sh),
-            slice(c0, c0 + sw * (ow - 1) + 1, sw))
+            slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
+            slice(j * dw, j * dw + sw * (ow - 1) + 1, sw))
 
 
-def im2col(x, kernel, stride, padding, dilation, out_hw=None):
+def _blocked(kernel, stride, dilation):
+    """True when offsets can be taken s x s at a time: dilation 1 and s > 1 dividing k."""
+    return (dilation == (1, 1) and stride[0] > 1 and stride[1] > 1
+            and kernel[0] % stride[0] == 0 and kernel[1] % stride[1] == 0)
+
+
+def _is_pointwise(kernel, stride, padding, shape_hw, out_hw):
+    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0) and tuple(out_hw) == tuple(shape_hw)
+
+
+def _round_up(size, multiple):
+    return -(-size // multiple) * multiple
+
+
+def _block_view(xpad, stride):
+    """(N, C, Hs, Ws) with Hs, Ws multiples of the stride -> (N, C, Hs/s, s, Ws/s, s), a view."""
+    n, c, hs, ws = xpad.shape
+    (sh, sw) = stride
+    return xpad.reshape(n, c, hs // sh, sh, ws // sw, sw)  # contiguous input: always a view
+
+
+def im2col(x, kernel, stride, padding, dilation, out_hw=None, out=None):
     """Unfold receptive fields into columns.
 
     Inputs:
@@ -41,36 +95,55 @@ def im2col(x, kernel, stride, padding, dilation, out_hw=None):
         out_hw: optional (OH, OW) no larger than the natural output size; only
             those output positions are unfolded (used by transposed convolution
             when ``output_padding`` adds rows no input pixel reaches).
+        out: optional array of shape (C*kh*kw, N*OH*OW) to write into (for
+            example a :func:`workspace`).
     Returns:
-        cols: (N, C * kh * kw, OH * OW), row index ``c * kh * kw + i * kw + j``,
-            the same order as a PyTorch weight ``(out, C, kh, kw)`` flattened.
-        (OH, OW).
+        cols: (C * kh * kw, N * OH * OW), and (OH, OW).
     """
     xp = get_array_module(x)
     n, c, h, w = x.shape
     (kh, kw), (ph, pw) = kernel, padding
     natural = (conv_output_size(h, kh, stride[0], ph, dilation[0]),
                conv_output_size(w, kw, stride[1], pw, dilation[1]))
-    oh, ow = natural if out_hw is None else out_hw
-    if kh == kw == 1 and stride == (1, 1) and padding == (0, 0) and (oh, ow) == (h, w):
-        return x.reshape(n, c, h * w), (oh, ow)  # a 1x1 convolution needs no unfolding
-    if ph or pw:
-        xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    oh, ow = natural if out_hw is None else tuple(out_hw)
+    if _is_pointwise(kernel, stride, padding, (h, w), (oh, ow)):
+        cols = x.reshape(n, c, h * w).transpose(1, 0, 2)  # a 1x1 convolution needs no unfolding
+        if n == 1:
+            return cols.reshape(c, h * w), (oh, ow)  # a view of x: nothing to copy
+        target = out if out is not None else xp.empty((c, n * h * w), dtype=x.dtype)
+        target.reshape(c, n, h * w)[...] = cols
+        return target, (oh, ow)
+    blocked = _blocked(kernel, stride, dilation)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    if blocked:  # the block view needs sides that are multiples of the stride
+        hp, wp = _round_up(hp, stride[0]), _round_up(wp, stride[1])
+    if (hp, wp) != (h, w) or (blocked and not x.flags.c_contiguous):
+        xpad = xp.zeros((n, c, hp, wp), dtype=x.dtype)
         xpad[:, :, ph:ph + h, pw:pw + w] = x
     else:
         xpad = x
-    cols = xp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    cols = out if out is not None else xp.empty((c * kh * kw, n * oh * ow), dtype=x.dtype)
+    if blocked:
+        (sh, sw), (mh, mw) = stride, (kh // stride[0], kw // stride[1])
+        # input row (oh + a) * s + r is read by kernel row a * s + r of output row oh
+        blocks = _block_view(xpad, stride)
+        cols8 = cols.reshape(c, mh, sh, mw, sw, n, oh, ow)
+        for a in range(mh):
+            for b in range(mw):
+                cols8[:, a, :, b] = blocks[:, :, a:a + oh, :, b:b + ow].transpose(1, 3, 5, 0, 2, 4)
+        return cols, (oh, ow)
+    cols6 = cols.reshape(c, kh, kw, n, oh, ow)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, i, j] = xpad[_offset_slices(i, j, kernel, stride, dilation, (oh, ow))]
-    return cols.reshape(n, c * kh * kw, oh * ow), (oh, ow)
+            cols6[:, i, j] = xpad[_window(i, j, stride, dilation, (oh, ow))].transpose(1, 0, 2, 3)
+    return cols, (oh, ow)
 
 
 def col2im(cols, x_shape, kernel, stride, padding, dilation, out_hw):
     """Adjoint of :func:`im2col`: scatter-*add* columns back onto the input grid.
 
     Inputs:
-        cols: (N, C * kh * kw, OH * OW).
+        cols: (C * kh * kw, N * OH * OW).
         x_shape: (N, C, H, W), the shape of the image im2col unfolded.
         out_hw: (OH, OW).
     Returns:
@@ -81,12 +154,27 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation, out_hw):
     n, c, h, w = x_shape
     (kh, kw), (ph, pw) = kernel, padding
     oh, ow = out_hw
-    if kh == kw == 1 and stride == (1, 1) and padding == (0, 0) and (oh, ow) == (h, w):
-        return cols.reshape(n, c, h, w)
-    cols = cols.reshape(n, c, kh, kw, oh, ow)
-    xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            # += not =: windows overlap, and each pixel collects all its uses.
-            xpad[_offset_slices(i, j, kernel, stride, dilation, (oh, ow))] += cols[:, :, i, j]
+    if _is_pointwise(kernel, stride, padding, (h, w), (oh, ow)):
+        if n == 1:
+            return cols.reshape(1, c, h, w)
+        return xp.ascontiguousarray(cols.reshape(c, n, h, w).transpose(1, 0, 2, 3))
+    blocked = _blocked(kernel, stride, dilation)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    if blocked:
+        hp, wp = _round_up(hp, stride[0]), _round_up(wp, stride[1])
+    xpad = xp.zeros((n, c, hp, wp), dtype=cols.dtype)
+    if blocked:
+        (sh, sw), (mh, mw) = stride, (kh // stride[0], kw // stride[1])
+        blocks = _block_view(xpad, stride)
+        cols8 = cols.reshape(c, mh, sh, mw, sw, n, oh, ow)
+        for a in range(mh):
+            for b in range(mw):
+                # += not =: neighbouring blocks overlap when the kernel is larger than the stride
+                blocks[:, :, a:a + oh, :, b:b + ow] += cols8[:, a, :, b].transpose(3, 0, 4, 1, 5, 2)
+    else:
+        cols6 = cols.reshape(c, kh, kw, n, oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                # += not =: windows overlap, and each pixel collects all its uses.
+                xpad[_window(i, j, stride, dilation, (oh, ow))] += cols6[:, i, j].transpose(1, 0, 2, 3)
     return xpad[:, :, ph:ph + h, pw:pw + w]
