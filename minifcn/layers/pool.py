@@ -89,7 +89,7 @@ class MaxPool2d(Module):
             window = xpad[self._window(k // kw, k % kw, (oh, ow))]
             better = window > y          # strictly greater: the first maximum wins ties
             xp.copyto(y, window, where=better)
-            argmax[better] = k
+            xp.copyto(argmax, k, where=better)  # not argmax[better] = k: masked assignment is slow
         self._cache = (x.shape, (hp, wp), argmax)
         return y
 
@@ -101,8 +101,13 @@ class MaxPool2d(Module):
         n, c, h, w = x_shape
         kh, kw = self.kernel_size
         dxpad = xp.zeros((n, c, hp, wp), dtype=dy.dtype)
+        overlapping = any(s < d * (k - 1) + 1 for s, d, k in zip(self.stride, self.dilation, self.kernel_size))
         for k in range(kh * kw):
-            dxpad[self._window(k // kw, k % kw, dy.shape[2:])] += dy * (argmax == k)
+            window = dxpad[self._window(k // kw, k % kw, dy.shape[2:])]
+            if overlapping:
+                window += dy * (argmax == k)
+            else:  # each input pixel is in at most one window: write, no read-modify-write
+                xp.multiply(dy, argmax == k, out=window)
         ph, pw = self.padding
         return dxpad[:, :, ph:ph + h, pw:pw + w]
 

@@ -95,3 +95,29 @@ def fcn_blobs(model, height: int, width: int | None = None):
     fuse_pool3 = fuse("fuse_pool3", upscore_pool4, score_pool3c)
     crop("score", step("upscore8", fuse_pool3), data)
     return blobs
+
+
+def fcn_flops(model, height: int, width: int | None = None, batch: int = 1):
+    """Forward FLOPs of every convolution and transposed convolution (a multiply-add is 2).
+
+    Returns ``{layer name: flops}`` computed from the real blob shapes of
+    :func:`fcn_blobs` (so padding 100 and ceil pooling are counted as they run).
+    """
+    blobs = fcn_blobs(model, height, width)
+    flops, previous = {}, blobs[0]
+    by_name = {b.name: b for b in blobs}
+    inputs = {"score_pool4": "scale_pool4" if "scale_pool4" in by_name else "pool4",
+              "score_pool3": "scale_pool3" if "scale_pool3" in by_name else "pool3",
+              "upscore2": "score_fr", "upscore": "score_fr", "upscore16": "fuse_pool4",
+              "upscore_pool4": "fuse_pool4", "upscore8": "fuse_pool3"}
+    for blob in blobs[1:]:
+        source = by_name[inputs[blob.name]] if blob.name in inputs else previous
+        layer = getattr(model, blob.name, None)
+        if isinstance(layer, Conv2d):
+            kh, kw = layer.kernel_size
+            flops[blob.name] = 2 * batch * layer.out_channels * blob.shape[1] * blob.shape[2] * layer.in_channels * kh * kw
+        elif isinstance(layer, ConvTranspose2d):
+            kh, kw = layer.kernel_size
+            flops[blob.name] = 2 * batch * layer.in_channels * source.shape[1] * source.shape[2] * layer.out_channels * kh * kw
+        previous = blob
+    return flops

@@ -1,0 +1,280 @@
+"""Whole-network benchmark: FCN-8s forward, forward+backward and a training step.
+
+Cases (float32): full-width FCN-8s (VGG16, 134 M parameters) at 1x3x224x224
+and 1x3x500x500, and a small FCN-8s (width 0.125) at 8x3x64x64. When PyTorch
+is installed the same architecture runs in the same process, interleaved
+round by round with minifcn, and the table shows both medians and the ratio.
+
+    python benchmarks/bench_fcn.py                 # all cases, CPU
+    python benchmarks/bench_fcn.py --cases 224 --rounds 3 --layers
+    python benchmarks/bench_fcn.py --memory        # peak memory of a step, each framework in a child process
+    python benchmarks/bench_fcn.py --device gpu    # CuPy vs PyTorch CUDA (TF32 off on both)
+
+A training step is forward, softmax cross-entropy (mean over pixels),
+backward and SGD with momentum 0.9 and weight decay 5e-4 (biases 2x lr, no
+decay; the fixed bilinear upsampling is not updated) on both sides.
+Forward+backward counts 3x the forward FLOPs (input and weight gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import gflops, import_torch, interleaved, machine_line, peak_rss_mb, print_table, sgemm_gflops  # noqa: E402
+
+from minifcn.backend import to_device  # noqa: E402
+from minifcn.layers import SoftmaxCrossEntropy  # noqa: E402
+from minifcn.models import FCN8s  # noqa: E402
+from minifcn.models.trace import fcn_flops  # noqa: E402
+from minifcn.optim import SGD  # noqa: E402
+
+CASES = {  # name: (width, batch, side)
+    "224": (1.0, 1, 224),
+    "500": (1.0, 1, 500),
+    "small": (0.125, 8, 64),
+}
+
+
+def synchronize(device):
+    if device == "gpu":
+        import cupy  # noqa: PLC0415
+
+        cupy.cuda.Device().synchronize()
+
+
+class MinifcnRunner:
+    """Forward / forward+backward / step closures for one minifcn model and batch."""
+
+    def __init__(self, width, batch, side, device="cpu", seed=0):
+        self.device = device
+        self.model = FCN8s(21, width, seed=seed).to(device)
+        rng = np.random.default_rng(seed)
+        # small nonzero score layers so the gradient reaches the whole network
+        for name, p in self.model.named_parameters():
+            if name.startswith("score"):
+                p.data[...] = to_device(rng.standard_normal(p.shape).astype(np.float32) * 1e-3, device)
+        self.x = to_device(rng.standard_normal((batch, 3, side, side)).astype(np.float32), device)
+        self.labels = to_device(rng.integers(0, 21, (batch, side, side)), device)
+        self.loss = SoftmaxCrossEntropy()
+        self.opt = SGD(self.model, lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+    def forward(self):
+        self.model.eval()
+        self.model(self.x)
+        self.model.train()
+        synchronize(self.device)
+
+    def forward_backward(self):
+        self.model.zero_grad()
+        self.loss(self.model(self.x), self.labels)
+        self.model.backward(self.loss.backward())
+        synchronize(self.device)
+
+    def step(self):
+        self.forward_backward()
+        self.opt.step()
+        synchronize(self.device)
+
+
+class TorchRunner:
+    def __init__(self, torch, minifcn_runner, device="cpu"):
+        from torch_fcn import TorchFCN, torch_sgd  # noqa: PLC0415
+
+        self.torch = torch
+        self.dev = "cuda" if device == "gpu" else "cpu"
+        self.model = TorchFCN(minifcn_runner.model.to("cpu")).to(self.dev)
+        minifcn_runner.model.to(device)
+        from minifcn.backend import to_numpy  # noqa: PLC0415
+
+        self.x = torch.from_numpy(to_numpy(minifcn_runner.x)).to(self.dev)
+        self.labels = torch.from_numpy(to_numpy(minifcn_runner.labels)).to(self.dev)
+        self.opt = torch_sgd(self.model, lr=1e-4)
+
+    def sync(self):
+        if self.dev == "cuda":
+            self.torch.cuda.synchronize()
+
+    def forward(self):
+        self.model.eval()
+        with self.torch.no_grad():
+            self.model(self.x)
+        self.model.train()
+        self.sync()
+
+    def forward_backward(self):
+        self.opt.zero_grad(set_to_none=False)
+        out = self.model(self.x)
+        self.torch.nn.functional.cross_entropy(out, self.labels, ignore_index=255).backward()
+        self.sync()
+
+    def step(self):
+        self.forward_backward()
+        self.opt.step()
+        self.sync()
+
+
+def layer_profile(runner, what="step", repeats=2):
+    """Seconds per layer (forward and backward) of minifcn, by wrapping each leaf layer."""
+    totals = defaultdict(float)
+    originals = []
+    for name, module in runner.model.named_modules():
+        if name == "" or module._children:
+            continue
+        for kind in ("forward", "backward"):
+            fn = getattr(module, kind)
+
+            def timed(*a, _fn=fn, _key=(name, kind), **k):
+                synchronize(runner.device)
+                t0 = time.perf_counter()
+                out = _fn(*a, **k)
+                synchronize(runner.device)
+                totals[_key] += time.perf_counter() - t0
+                return out
+
+            originals.append((module, kind))
+            object.__setattr__(module, kind, timed)
+    try:
+        getattr(runner, what)()  # warm
+        totals.clear()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            getattr(runner, what)()
+        whole = (time.perf_counter() - t0) / repeats
+    finally:
+        for module, kind in originals:
+            object.__delattr__(module, kind)
+    return {k: v / repeats for k, v in totals.items()}, whole
+
+
+def block_of(name):
+    """conv1..conv5 (with their ReLUs and pool), fc6/fc7, or head (scores, upsampling, crops)."""
+    for i in "12345":
+        if name == f"pool{i}" or name.startswith((f"conv{i}_", f"relu{i}_")):
+            return f"conv{i}"
+    if name in ("fc6", "relu6", "drop6", "fc7", "relu7", "drop7"):
+        return "fc6/fc7"
+    return "head"
+
+
+def print_layers(profile, whole, flops):
+    per_layer, total = profile, sum(profile.values())
+    rows = []
+    for (name, kind), sec in sorted(per_layer.items(), key=lambda kv: -kv[1])[:15]:
+        gf = flops.get(name, 0) * (1 if kind == "forward" else 2)
+        rows.append((name, kind, 1e3 * sec, 100 * sec / whole, gflops(gf, sec) if gf else None))
+    print_table(("layer", "pass", "ms", "% of step", "GFLOP/s"), rows, (None, None, ".1f", ".1f", ".0f"))
+    blocks = defaultdict(float)
+    for (name, _), sec in per_layer.items():
+        blocks[block_of(name)] += sec
+    print("by block: " + ", ".join(f"{k} {100 * v / whole:.0f} %" for k, v in sorted(blocks.items(), key=lambda kv: -kv[1]))
+          + f"; outside layers (loss, SGD, Python) {100 * (whole - total) / whole:.0f} %")
+
+
+def child(framework, case, device):
+    """Run a few training steps of one framework alone; print the peak memory as JSON."""
+    width, batch, side = CASES[case]
+    base = peak_rss_mb()
+    runner = MinifcnRunner(width, batch, side, device)
+    if framework == "torch":
+        torch = import_torch()
+        runner = TorchRunner(torch, runner, device)
+    for _ in range(2):
+        runner.step()
+    result = {"peak_rss_mb": peak_rss_mb(), "start_rss_mb": base}
+    if device == "gpu":
+        if framework == "torch":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            import cupy  # noqa: PLC0415
+
+            result["peak_gpu_mb"] = cupy.get_default_memory_pool().total_bytes() / 2**20
+    print(json.dumps(result))
+
+
+def memory_table(cases, device, use_torch):
+    rows = []
+    for case in cases:
+        res = {}
+        for fw in ("minifcn", "torch") if use_torch else ("minifcn",):
+            out = subprocess.run([sys.executable, __file__, "--child", fw, "--cases", case, "--device", device],
+                                 capture_output=True, text=True, check=True)
+            res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+        key = "peak_gpu_mb" if device == "gpu" else "peak_rss_mb"
+        mine = res["minifcn"][key]
+        theirs = res.get("torch", {}).get(key)
+        rows.append((case, mine, theirs, (mine / theirs) if theirs else None))
+    what = "peak GPU memory (MiB)" if device == "gpu" else "peak RSS of a process doing 2 training steps (MiB)"
+    print(f"\nMemory: {what}")
+    print_table(("case", "minifcn", "PyTorch", "ratio"), rows, (None, ".0f", ".0f", ".2f"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="224,500,small", help="comma list of: " + ", ".join(CASES))
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--layers", action="store_true", help="per-layer breakdown of minifcn's training step")
+    p.add_argument("--memory", action="store_true", help="peak memory of each framework (child processes)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    if args.child:
+        return child(args.child, cases[0], args.device)
+
+    torch = None if args.no_torch else import_torch()
+    if torch is not None and args.device == "gpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print(machine_line(torch))
+    if args.device == "cpu":
+        ceiling = sgemm_gflops()
+        print(f"float32 matrix-product ceiling (2048^3 sgemm): {ceiling['median_gflops']:.0f} GFLOP/s (median)")
+    else:
+        ceiling = None
+    rows = []
+    for case in cases:
+        width, batch, side = CASES[case]
+        mine = MinifcnRunner(width, batch, side, args.device)
+        fwd_flops = sum(fcn_flops(mine.model, side, side, batch).values())
+        candidates = {}
+        theirs = TorchRunner(torch, mine, args.device) if torch is not None else None
+        for what in ("forward", "forward_backward", "step"):
+            candidates[f"minifcn {what}"] = getattr(mine, what)
+            if theirs is not None:
+                candidates[f"torch {what}"] = getattr(theirs, what)
+        results = interleaved(candidates, rounds=args.rounds, warmup=1)
+        for what, factor in (("forward", 1), ("forward_backward", 3), ("step", 3)):
+            m = results[f"minifcn {what}"].median
+            t = results[f"torch {what}"].median if theirs is not None else None
+            gf = gflops(factor * fwd_flops, m)
+            share = f"{100 * gf / ceiling['median_gflops']:.0f} %" if ceiling else ""
+            rows.append((f"{case} ({batch}x3x{side}x{side}, width {width:g})", what.replace("_", "+"),
+                         1e3 * m, 1e3 * t if t else None, m / t if t else None, gf, share))
+        if args.layers:
+            profile, whole = layer_profile(mine, "step")
+            print(f"\nminifcn per-layer time of a training step, case {case} ({1e3 * whole:.0f} ms):")
+            print_layers(profile, whole, fcn_flops(mine.model, side, side, batch))
+        del mine, theirs
+    print()
+    print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio", "minifcn GFLOP/s", "of ceiling"), rows,
+                (None, None, ".0f", ".0f", ".2f", ".0f", None))
+    if args.memory:
+        memory_table(cases, args.device, torch is not None)
+
+
+if __name__ == "__main__":
+    main()
