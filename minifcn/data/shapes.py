@@ -75,7 +75,7 @@ def render_shapes(rng: np.random.Generator, size: tuple[int, int]):
     y, x = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5  # pixel centres
     image = _background(rng, y, x)
     label = np.zeros((h, w), np.uint8)
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(2, 6)):
         cls = int(rng.integers(1, len(SHAPES_CLASSES)))
         cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
         angle = rng.uniform(0, np.pi)
@@ -115,16 +115,16 @@ def _object_colour(rng, cls):
 
 # Each shape: (rng, u, v, s) -> bool mask (H, W), in the rotated frame (u, v) centred on the object.
 def _disc(rng, u, v, s):
-    return u * u + v * v <= (rng.uniform(5, 13) * s) ** 2
+    return u * u + v * v <= (rng.uniform(7, 15) * s) ** 2
 
 
 def _box(rng, u, v, s):
-    a, b = rng.uniform(4, 12, size=2) * s
+    a, b = rng.uniform(5, 13, size=2) * s
     return (np.abs(u) <= a) & (np.abs(v) <= b)
 
 
 def _triangle(rng, u, v, s):
-    radius = rng.uniform(7, 15) * s
+    radius = rng.uniform(9, 17) * s
     theta = 2 * np.pi * np.arange(3) / 3 + rng.uniform(-0.3, 0.3, 3)  # keeps the vertices in order
     pu, pv = radius * np.cos(theta), radius * np.sin(theta)
     inside = np.ones(u.shape, bool)
@@ -135,12 +135,12 @@ def _triangle(rng, u, v, s):
 
 
 def _cross(rng, u, v, s):
-    arm, half_width = rng.uniform(7, 15) * s, rng.uniform(0.6, 1.5) * s
+    arm, half_width = rng.uniform(10, 18) * s, rng.uniform(2.0, 3.5) * s  # arms 4-7 px wide at 64 px
     return ((np.abs(u) <= arm) & (np.abs(v) <= half_width)) | ((np.abs(v) <= arm) & (np.abs(u) <= half_width))
 
 
 def _ring(rng, u, v, s):
-    outer, thickness = rng.uniform(7, 15) * s, rng.uniform(1.5, 3.5) * s
+    outer, thickness = rng.uniform(10, 18) * s, rng.uniform(3.5, 6.0) * s
     r2 = u * u + v * v
     return (r2 <= outer ** 2) & (r2 > (outer - thickness) ** 2)
 

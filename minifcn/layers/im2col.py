@@ -155,9 +155,10 @@ def col2im(cols, x_shape, kernel, stride, padding, dilation, out_hw):
     (kh, kw), (ph, pw) = kernel, padding
     oh, ow = out_hw
     if _is_pointwise(kernel, stride, padding, (h, w), (oh, ow)):
-        if n == 1:
-            return cols.reshape(1, c, h, w)
-        return xp.ascontiguousarray(cols.reshape(c, n, h, w).transpose(1, 0, 2, 3))
+        # Always a copy, never a view: cols is often the shared workspace, which the
+        # next convolution overwrites (a view here corrupted 1x1 convolutions' input
+        # gradients at batch size 1, e.g. FCN's score_pool4 -> pool4 skip).
+        return cols.reshape(c, n, h, w).transpose(1, 0, 2, 3).copy()
     blocked = _blocked(kernel, stride, dilation)
     hp, wp = h + 2 * ph, w + 2 * pw
     if blocked:
