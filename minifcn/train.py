@@ -166,6 +166,20 @@ def _divergence_message(loss, epoch, iteration, cfg, checkpoint):
             f"normalisation: {hint}. {kept}.")
 
 
+def strict_json(value) -> str:
+    """``json.dumps`` with NaN and infinities written as null: strict JSON that any parser reads
+    (Python's default writes the non-standard token NaN, e.g. for the IU of an absent class)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(value), allow_nan=False)
+
+
 def train(cfg: TrainConfig, log=print):
     """Train according to ``cfg``; returns the history (list of per-epoch dicts)."""
     device = check_device(cfg.device)
@@ -198,7 +212,7 @@ def train(cfg: TrainConfig, log=print):
         _set_dropout_states(model, meta.get("dropout_states", {}))
         history, start_epoch = meta["history"], meta["epoch"] + 1
         with open(metrics_path, "w") as f:  # drop lines of epochs after the checkpoint (an interrupted run)
-            f.writelines(json.dumps(row) + "\n" for row in history)
+            f.writelines(strict_json(row) + "\n" for row in history)
         log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
@@ -236,7 +250,7 @@ def train(cfg: TrainConfig, log=print):
                "seconds": time.perf_counter() - t0}
         history.append(row)
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
         _save(ckpt, model, optimizer, cfg, epoch, history, class_names)
         if scores["mean_iu"] > best:
             best = scores["mean_iu"]

@@ -1,0 +1,215 @@
+"""SGD with momentum, weight decay and per-parameter multipliers; learning-rate
+schedules (minifcn/optim.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from minifcn.models import FCN8s
+from minifcn.module import Parameter
+from minifcn.optim import SGD, ConstantLR, PolyLR, StepLR, make_schedule, suggest_lr
+
+GRADS_A = ([0.5, 0.25], [-1.0, 0.5])  # gradient of parameter a at step 1 and step 2
+GRADS_B = ([1.0], [2.0])
+
+
+def two_steps(nesterov):
+    """lr 0.1, momentum 0.9, weight decay 0.1; a with multipliers (1, 1), b with (2, 0) (an FCN bias)."""
+    a = Parameter(np.array([1.0, -2.0]))
+    b = Parameter(np.array([3.0]), lr_mult=2.0, decay_mult=0.0)
+    opt = SGD([a, b], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=nesterov)
+    after = []
+    for ga, gb in zip(GRADS_A, GRADS_B):
+        a.grad[...], b.grad[...] = ga, gb
+        opt.step()
+        after.append((a.data.copy(), b.data.copy()))
+    return after
+
+
+def test_two_steps_by_hand():
+    (a1, b1), (a2, b2) = two_steps(nesterov=False)
+    # a: lr 0.1, decay 0.1.
+    #   step 1: g + wd*w = [0.5 + 0.1*1, 0.25 + 0.1*(-2)] = [0.6, 0.05]; v = [0.6, 0.05]
+    #           w = [1 - 0.1*0.6, -2 - 0.1*0.05] = [0.94, -2.005]
+    #   step 2: g + wd*w = [-1 + 0.094, 0.5 - 0.2005] = [-0.906, 0.2995]
+    #           v = 0.9*[0.6, 0.05] + that = [-0.366, 0.3445]
+    #           w = [0.94 + 0.0366, -2.005 - 0.03445] = [0.9766, -2.03945]
+    np.testing.assert_allclose(a1, [0.94, -2.005], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a2, [0.9766, -2.03945], rtol=0, atol=1e-12)
+    # b: lr 0.1 * lr_mult 2 = 0.2, decay 0.1 * decay_mult 0 = 0.
+    #   step 1: v = 1, w = 3 - 0.2*1 = 2.8;  step 2: v = 0.9*1 + 2 = 2.9, w = 2.8 - 0.2*2.9 = 2.22
+    np.testing.assert_allclose(b1, [2.8], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b2, [2.22], rtol=0, atol=1e-12)
+
+
+def test_two_nesterov_steps_by_hand():
+    (a1, b1), (a2, b2) = two_steps(nesterov=True)
+    # a: step 1: d = [0.6, 0.05], v = d, update = d + 0.9 v = [1.14, 0.095]
+    #            w = [1 - 0.114, -2 - 0.0095] = [0.886, -2.0095]
+    #    step 2: d = [-1 + 0.0886, 0.5 - 0.20095] = [-0.9114, 0.29905]
+    #            v = 0.9*[0.6, 0.05] + d = [-0.3714, 0.34405]
+    #            update = d + 0.9 v = [-1.24566, 0.608695]
+    #            w = [0.886 + 0.124566, -2.0095 - 0.0608695] = [1.010566, -2.0703695]
+    np.testing.assert_allclose(a1, [0.886, -2.0095], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a2, [1.010566, -2.0703695], rtol=0, atol=1e-12)
+    # b (lr 0.2, no decay): step 1: v = 1, update 1 + 0.9 = 1.9, w = 3 - 0.38 = 2.62
+    #                       step 2: v = 2.9, update 2 + 2.61 = 4.61, w = 2.62 - 0.922 = 1.698
+    np.testing.assert_allclose(b1, [2.62], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b2, [1.698], rtol=0, atol=1e-12)
+
+
+def test_no_momentum_is_plain_gradient_descent():
+    p = Parameter(np.array([1.0, 2.0]))
+    opt = SGD([p], lr=0.5, momentum=0.0, weight_decay=0.2)
+    p.grad[...] = [1.0, -1.0]
+    opt.step()  # w - 0.5 * (g + 0.2 w) = [1 - 0.5*1.2, 2 - 0.5*(-0.6)] = [0.4, 2.3]
+    np.testing.assert_allclose(p.data, [0.4, 2.3], rtol=0, atol=1e-12)
+    assert not opt.velocity["0"].any()  # no momentum buffer is built up
+
+
+def test_frozen_parameters_are_left_alone():
+    model = FCN8s(num_classes=3, width=1 / 64)
+    frozen = {n: p.data.copy() for n, p in model.named_parameters() if not p.trainable}
+    assert set(frozen) == {"upscore2.weight", "upscore_pool4.weight", "upscore8.weight"}
+    opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=0.1)
+    assert {n for n, _ in opt.named_params} == {n for n, p in model.named_parameters() if p.trainable}
+    for p in model.parameters():
+        p.grad[...] = 1.0
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            np.testing.assert_array_equal(p.data, frozen[n])
+    assert model.score_fr.weight.data.min() < 0  # while a trainable one moved (from 0, by -lr)
+    with pytest.raises(ValueError, match="no trainable"):
+        SGD([Parameter(np.zeros(3), trainable=False)], lr=0.1)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_chunked_update_equals_the_formula(nesterov, dtype):
+    """A parameter of 2^20 + 12345 elements is updated in two chunks; a small one in one.
+    Both must equal the textbook formula on whole arrays."""
+    rng = np.random.default_rng(0)
+    sizes = (1 << 20) + 12345, 1000
+    params = [Parameter(rng.standard_normal(s).astype(dtype), lr_mult=m, decay_mult=d)
+              for s, m, d in zip(sizes, (1.0, 2.0), (1.0, 0.0))]
+    lr, mu, wd = 0.01, 0.9, 5e-4
+    opt = SGD(params, lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
+    w = [p.data.astype(np.float64) for p in params]
+    v = [np.zeros_like(x) for x in w]
+    tail = params[0].data[-100:].copy()  # past the chunk boundary
+    for _ in range(3):
+        for i, p in enumerate(params):
+            g = rng.standard_normal(p.shape).astype(dtype)
+            p.grad[...] = g
+            d = g.astype(np.float64) + wd * p.decay_mult * w[i]
+            v[i] = mu * v[i] + d
+            w[i] = w[i] - lr * p.lr_mult * (d + mu * v[i] if nesterov else v[i])
+        opt.step()
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for i, (p, want) in enumerate(zip(params, w)):
+        assert p.data.dtype == dtype and opt.velocity[str(i)].dtype == dtype
+        np.testing.assert_allclose(p.data, want, rtol=tol, atol=tol)
+    assert (params[0].data[-100:] != tail).all()  # the second chunk was updated too
+
+
+def test_float32_stays_float32():
+    p = Parameter(np.ones((3, 4), np.float32))
+    opt = SGD([p], lr=1e-3, momentum=0.99, weight_decay=5e-4, nesterov=True)
+    p.grad[...] = 0.5
+    data_before = p.data
+    opt.step()
+    assert p.data.dtype == np.float32 and opt.velocity["0"].dtype == np.float32
+    assert p.data is data_before  # updated in place
+    assert (p.data < 1).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=0.0), "lr.*0.0"),
+    (dict(lr=-0.1), "lr.*-0.1"),
+    (dict(lr=float("nan")), "lr.*nan"),
+    (dict(lr=float("inf")), "lr.*inf"),
+    (dict(lr=0.1, momentum=1.0), "momentum.*1.0"),
+    (dict(lr=0.1, momentum=-0.5), "momentum.*-0.5"),
+    (dict(lr=0.1, weight_decay=-1e-4), "weight_decay.*-0.0001"),
+    (dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SGD([Parameter(np.zeros(2))], **kwargs)
+
+
+def test_non_parameters_are_refused():
+    with pytest.raises(TypeError, match="ndarray"):
+        SGD([np.zeros(2)], lr=0.1)
+
+
+def test_state_dict_round_trip():
+    """An optimiser restored from another's state continues exactly like it."""
+    rng = np.random.default_rng(1)
+
+    def make():
+        return [Parameter(np.arange(6.0).reshape(2, 3)), Parameter(np.ones(4), lr_mult=2, decay_mult=0)]
+
+    pa, pb = make(), make()
+    a = SGD([("w", pa[0]), ("b", pa[1])], lr=0.1, momentum=0.9, weight_decay=0.01)
+    b = SGD([("w", pb[0]), ("b", pb[1])], lr=0.1, momentum=0.9, weight_decay=0.01)
+    grads = [[rng.standard_normal(p.shape) for p in pa] for _ in range(4)]
+    for g in grads[:2]:
+        for p, gi in zip(pa, g):
+            p.grad[...] = gi
+        a.step()
+    state = {k: v.copy() for k, v in a.state_dict().items()}
+    assert sorted(state) == ["momentum.b", "momentum.w"] and state["momentum.w"].any()
+    for p, q in zip(pa, pb):
+        q.data[...] = p.data
+    b.load_state_dict(state)
+    for g in grads[2:]:
+        for ps in (pa, pb):
+            for p, gi in zip(ps, g):
+                p.grad[...] = gi
+        a.step(), b.step()
+    for p, q in zip(pa, pb):
+        np.testing.assert_array_equal(p.data, q.data)
+    # without the momentum the trajectories differ: the state matters
+    c_params = make()
+    c = SGD([("w", c_params[0]), ("b", c_params[1])], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for p, q in zip(c_params, pa):
+        p.data[...] = q.data
+    with pytest.raises(KeyError, match="momentum.b"):
+        c.load_state_dict({"momentum.w": state["momentum.w"]})
+    with pytest.raises(ValueError, match=r"momentum.w.*\(3, 2\).*\(2, 3\)"):
+        c.load_state_dict({"momentum.w": np.zeros((3, 2)), "momentum.b": np.zeros(4)})
+
+
+def test_schedules():
+    assert [ConstantLR(0.1)(t) for t in (0, 10, 10 ** 6)] == [0.1] * 3
+    step = StepLR(0.1, step_size=10, gamma=0.5)
+    assert [step(t) for t in (0, 9, 10, 19, 20, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    poly = PolyLR(0.1, max_iter=100, power=0.9)
+    assert poly(0) == pytest.approx(0.1)
+    assert poly(50) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert poly(75) == pytest.approx(0.1 * 0.25 ** 0.9)
+    assert poly(100) == 0.0 and poly(150) == 0.0
+    assert all(poly(t) >= poly(t + 1) for t in range(120))
+    assert isinstance(make_schedule("constant", 0.1, 100), ConstantLR)
+    s = make_schedule("step", 0.1, 30)  # step_size defaults to a third of max_iter
+    assert (s(9), s(10)) == pytest.approx((0.1, 0.01))
+    p = make_schedule("poly", 0.2, 40)
+    assert p(20) == pytest.approx(0.2 * 0.5 ** 0.9)
+    with pytest.raises(ValueError, match="'cosine'"):
+        make_schedule("cosine", 0.1, 100)
+    with pytest.raises(ValueError, match="step_size.*0"):
+        StepLR(0.1, 0)
+    with pytest.raises(ValueError, match="max_iter.*0"):
+        PolyLR(0.1, 0)
+
+
+def test_suggest_lr_relates_sum_and_mean_losses():
+    assert suggest_lr("mean", 250_000, mean_lr=1e-2) == 1e-2
+    assert suggest_lr("sum", 250_000, mean_lr=1e-2) == pytest.approx(4e-8)
+    assert math.isclose(suggest_lr("sum", 500 * 500, mean_lr=2.5e-5), 1e-10)  # the reference's 1e-10
+    with pytest.raises(ValueError, match="'none'"):
+        suggest_lr("none", 10)
