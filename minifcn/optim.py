@@ -97,18 +97,25 @@ class SGD:
                 sl = slice(start, start + buf.size)
                 wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
                 if wd:
-                    xp.multiply(wc, wd, out=b)   # b = g + wd * w
+                    xp.multiply(wc, wd, out=b)    # b = g + wd * w
                     b += gc
+                    g_eff = b
                 else:
-                    b[...] = gc
+                    g_eff = gc                    # no decay: use the gradient itself, no copy
                 if mu:
-                    vc *= mu                      # v = mu * v + b
-                    vc += b
-                    if self.nesterov:
-                        b += mu * vc              # b = b + mu * v (a chunk-sized temporary)
+                    vc *= mu                      # v = mu * v + g
+                    vc += g_eff
+                    if self.nesterov:                 # step = lr * (g + mu * v)
+                        if g_eff is b:
+                            b += mu * vc                  # (a chunk-sized temporary)
+                        else:
+                            xp.multiply(vc, mu, out=b)
+                            b += g_eff
+                        b *= lr
                     else:
-                        b[...] = vc
-                b *= lr
+                        xp.multiply(vc, lr, out=b)  # step = lr * v, one pass
+                else:
+                    xp.multiply(g_eff, lr, out=b)
                 wc -= b
 
     def state_dict(self):

@@ -1,4 +1,6 @@
 """FCN-32s/16s/8s on a VGG16 backbone, and a small encoder-decoder."""
+import numpy as np
+
 from .encoder_decoder import EncoderDecoder
 from .fcn import MODELS, FCN8s, FCN8sAtOnce, FCN16s, FCN32s, FCNBase
 from .vgg import vgg16_layers
@@ -10,9 +12,9 @@ MODEL_NAMES = (*MODELS, "encoder-decoder")
 def build_model(name: str, num_classes: int = 21, width: float = 1.0, **kwargs):
     """Build a model by name: 'fcn32s', 'fcn16s', 'fcn8s', 'fcn8s-atonce' or 'encoder-decoder'."""
     key = name.lower().replace("_", "-")
-    if key == "encoder-decoder":
+    if key == "encoder-decoder":  # width 1.0 = 64 channels in the first stage, as VGG
         return EncoderDecoder(num_classes=num_classes, base_width=max(1, int(round(64 * width))),
-                              dtype=kwargs.get("dtype", None) or __import__("numpy").float32, seed=kwargs.get("seed", 0))
+                              dtype=kwargs.get("dtype", np.float32), seed=kwargs.get("seed", 0))
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     return MODELS[key](num_classes=num_classes, width=width, **kwargs)
