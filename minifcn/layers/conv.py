@@ -87,10 +87,14 @@ def conv2d_weight_grad(dy, cols, weight_shape):
     Returns:
         dW: weight_shape = (Cout, Cin, kh, kw).
     """
-    # cols @ dy^T, then transpose the small result: OpenBLAS is several times
-    # faster this way round than dy @ cols^T when N*OH*OW is the long dimension.
-    dw_t = cols @ channels_first(dy).T   # (Cin*kh*kw, Cout)
-    return dw_t.T.reshape(weight_shape)
+    dy2 = channels_first(dy)  # (Cout, N*OH*OW)
+    if cols.shape[1] > cols.shape[0]:
+        # Many positions (early layers): cols @ dy^T runs several times faster in
+        # OpenBLAS than dy @ cols^T; transposing the small (Cin*kh*kw, Cout) result is cheap.
+        return (cols @ dy2.T).T.reshape(weight_shape)
+    # Few positions, long rows (fc6: 25088 x 64): dy @ cols^T gives the weight layout
+    # directly, so the caller's += runs over contiguous memory.
+    return (dy2 @ cols.T).reshape(weight_shape)
 
 
 def _check_same_dtype(x, weight, layer):

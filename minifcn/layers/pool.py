@@ -83,13 +83,18 @@ class MaxPool2d(Module):
             xpad = x
         kh, kw = self.kernel_size
         index_dtype = xp.uint8 if kh * kw <= 255 else xp.int32
-        y = xpad[self._window(0, 0, (oh, ow))].copy()
-        argmax = xp.zeros((n, c, oh, ow), dtype=index_dtype)
-        for k in range(1, kh * kw):
-            window = xpad[self._window(k // kw, k % kw, (oh, ow))]
-            better = window > y          # strictly greater: the first maximum wins ties
-            xp.copyto(y, window, where=better)
-            xp.copyto(argmax, k, where=better)  # not argmax[better] = k: masked assignment is slow
+        windows = [xpad[self._window(k // kw, k % kw, (oh, ow))] for k in range(kh * kw)]  # views
+        y = windows[0].copy()
+        for window in windows[1:]:
+            xp.maximum(y, window, out=y)
+        # Tie rule: the argmax is the first k (row-major) whose window holds the maximum.
+        # Walk k downwards keeping ``argmax = k where window_k == y``, with integer
+        # arithmetic instead of a masked assignment: argmax = k + (argmax - k) * (window_k != y).
+        argmax = xp.full((n, c, oh, ow), kh * kw - 1, dtype=index_dtype)
+        for k in range(kh * kw - 2, -1, -1):
+            argmax -= k
+            argmax *= windows[k] != y
+            argmax += k
         self._cache = (x.shape, (hp, wp), argmax)
         return y
 

@@ -1,0 +1,96 @@
+"""Smoke tests of benchmarks/: bench_layers.py --quick runs and prints its table;
+the helpers in benchmarks/common.py count FLOPs, time and print as documented."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import common  # noqa: E402
+
+ROWS = ["conv1_1", "conv1_2", "conv3_2", "conv5_2", "fc6", "upscore2", "upscore8", "upscore32", "pool1", "pool4"]
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(BENCH, "bench_layers.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_table(out, with_torch):
+    assert out.startswith("machine: ")
+    assert "matrix-product ceiling" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    assert "fwd ms" in lines[header] and "fwd+bwd ms" in lines[header]
+    assert ("torch ms" in lines[header]) == with_torch
+    table = lines[header + 2:header + 2 + len(ROWS)]
+    assert [line.split()[0] for line in table] == ROWS
+    for column in ("fwd ms", "fwd+bwd ms"):  # right-aligned: a cell ends where its header ends
+        end = lines[header].index(column) + len(column)
+        assert all(float(line[:end].split()[-1]) > 0 for line in table)
+
+
+def test_bench_layers_quick_without_torch():
+    proc = _run("--quick", "--no-torch")
+    assert proc.returncode == 0, proc.stderr
+    _check_table(proc.stdout, with_torch=False)
+
+
+@pytest.mark.slow  # 10 s on a quiet 2-core machine, 15 to 27 s on a contended one (PyTorch's two-thread ops stall)
+def test_bench_layers_quick_prints_table():
+    proc = _run("--quick")
+    assert proc.returncode == 0, proc.stderr
+    _check_table(proc.stdout, with_torch=importlib.util.find_spec("torch") is not None)
+    assert "WARNING" not in proc.stderr, proc.stderr  # minifcn and PyTorch agree where both ran
+
+
+def test_bench_layers_only_selects_rows():
+    proc = _run("--quick", "--only", "upscore2,pool4", "--no-torch", "--markdown", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    assert [r.split("|")[1].strip() for r in rows] == ["upscore2", "pool4"]
+    assert "torch ms" not in proc.stdout
+
+
+def test_bench_layers_only_unknown_name_fails():
+    proc = _run("--quick", "--only", "no_such_layer")
+    assert proc.returncode != 0
+    assert "matches no row" in proc.stderr
+
+
+def test_flop_counts():
+    # VGG16 conv1_2 at 224: 2 * 64 * 224 * 224 * 64 * 9 = 3.70 GFLOP.
+    assert common.conv_flops(1, 64, 64, 224, 224, 3, 3) == 3_699_376_128
+    # FCN-32s upscore (k64 s32) on a 16 x 16 input: every input pixel scatters a 21 x 64 x 64 patch.
+    assert common.conv_transpose_flops(1, 21, 21, 16, 16, 64, 64) == 2 * 21 * 16 * 16 * 21 * 64 * 64
+    # A transposed convolution 5 -> 3 on a 7 x 7 input costs what the convolution 3 -> 5 with a 7 x 7 output costs.
+    assert common.conv_transpose_flops(2, 5, 3, 7, 7, 4, 4) == common.conv_flops(2, 3, 5, 7, 7, 4, 4)
+
+
+def test_interleaved_returns_per_call_times():
+    calls = []
+    t = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                           rounds=3, warmup=1)
+    assert set(t) == {"a", "b"}
+    assert calls == ["a", "b"] * 4  # warm-up round, then 3 rounds, alternating
+    assert len(t["a"].samples) == 3 and t["a"].min <= t["a"].median
+
+
+def test_format_table_aligns_columns():
+    text = common.format_table(["name", "ms"], [["conv", 1.5], ["upscore32", 123.25]], [None, ".2f"])
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1  # every line padded to the same width
+    assert lines[2].endswith("  1.50") and lines[3].endswith("123.25")
+    md = common.format_table(["name", "ms"], [["conv", None]], markdown=True)
+    assert md.splitlines()[1] == "|------|---:|" and md.splitlines()[2] == "| conv |  - |"
+
+
+def test_machine_line_and_peak_rss():
+    line = common.machine_line()
+    assert "cores" in line and "NumPy" in line
+    assert common.peak_rss_mb() > 0
