@@ -41,8 +41,12 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint.
 
-    The defaults train a small FCN-8s (width 0.125, 2.1 M parameters) on the
-    built-in ``shapes`` dataset in a few minutes on a laptop CPU.
+    The defaults train a small FCN-8s (width 0.125, 2.1 M parameters) from
+    scratch on the built-in ``shapes`` dataset in under ten minutes on a
+    2-core CPU: 128 x 128 images, batch 2, per-pixel mean loss with lr 0.01,
+    learned 2x upsampling (the CVPR recipe), no dropout (a small model trained
+    from scratch for minutes learns faster without it; the model's own default
+    stays the reference's 0.5).
     """
 
     model: str = "fcn8s"
@@ -50,17 +54,17 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
-    epochs: int = 12
-    batch_size: int = 8
-    lr: float = 0.02
+    epochs: int = 5
+    batch_size: int = 2
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     reduction: str = "mean"        # 'mean' per pixel, or 'sum' as in the reference (then lr ~ 1e-10 for VOC)
     schedule: str = "poly"         # constant, step or poly (per iteration)
-    learn_upsampling: bool = False
-    dropout: float = 0.5
-    image_size: int = 64           # shapes only
-    train_images: int = 1024       # shapes only
+    learn_upsampling: bool = True
+    dropout: float = 0.0
+    image_size: int = 128          # shapes only
+    train_images: int = 800        # shapes only
     val_images: int = 128          # shapes only
     crop_size: int | None = None
     flip: bool = True
