@@ -5,7 +5,6 @@ Run ``minifcn --help`` or ``python -m minifcn --help``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,8 @@ def _add_train(sub):
     p.add_argument("--reduction", choices=("mean", "sum"), default=d.reduction,
                    help="loss normalisation: per-pixel mean, or the reference's sum (needs a ~pixels-times smaller lr)")
     p.add_argument("--schedule", choices=("constant", "step", "poly"), default=d.schedule)
-    p.add_argument("--learn-upsampling", action="store_true", help="learn the 2x transposed convolutions")
+    p.add_argument("--learn-upsampling", action=argparse.BooleanOptionalAction, default=d.learn_upsampling,
+                   help="learn the 2x transposed convolutions (CVPR recipe); --no-learn-upsampling keeps all fixed")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--image-size", type=int, default=d.image_size, help="shapes: image side")
     p.add_argument("--train-images", type=int, default=d.train_images, help="shapes: training images")
@@ -75,7 +75,7 @@ def cmd_train(args):
 def cmd_eval(args):
     from .data import DataLoader, IMAGENET_MEAN_RGB, get_dataset, validate_dataset  # noqa: PLC0415
     from .metrics import format_scores  # noqa: PLC0415
-    from .train import TrainConfig, evaluate, load_model  # noqa: PLC0415
+    from .train import TrainConfig, evaluate, load_model, strict_json  # noqa: PLC0415
 
     model, meta = load_model(args.checkpoint, args.device or "cpu")
     cfg = TrainConfig.from_dict(meta["config"])
@@ -89,7 +89,7 @@ def cmd_eval(args):
     loader = DataLoader(dataset, 1, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
     scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu")
     if args.json:
-        print(json.dumps(scores))
+        print(strict_json(scores))  # NaN (a class absent from the split) as null
     else:
         print(f"{args.checkpoint}: {name} {args.split} split, {len(dataset)} images")
         print(format_scores(scores, meta.get("class_names")))
@@ -138,6 +138,48 @@ def cmd_gradcheck(args):
     return 0 if passed else 1
 
 
+def _add_explain(sub):
+    p = sub.add_parser("explain", help="explanations computed from the code: conv-matrix, fcn, sizes")
+    what = p.add_subparsers(dest="topic", required=True)
+    q = what.add_parser("conv-matrix", help="the matrix C of a convolution; transposed conv and backward are C^T")
+    q.add_argument("--size", type=int, default=4, help="input side (one channel)")
+    q.add_argument("--kernel", type=int, default=3, help="kernel side (weights 1..k*k)")
+    q.add_argument("--stride", type=int, default=2)
+    q.add_argument("--padding", type=int, default=1)
+    q.add_argument("--dilation", type=int, default=1)
+    q = what.add_parser("fcn", help="an FCN layer by layer: shapes, strides, receptive fields, crop offsets")
+    q.add_argument("--model", default="fcn8s", help="fcn32s, fcn16s, fcn8s or fcn8s-atonce")
+    q.add_argument("--size", type=int, default=500, help="input side (or HEIGHT with --input-width)")
+    q.add_argument("--input-width", type=int, default=None, help="input width (default: --size)")
+    q.add_argument("--width", type=float, default=0.125,
+                   help="channel multiplier of the model built for the table (1.0 = the paper's; slow to build)")
+    q.add_argument("--classes", type=int, default=21)
+    q.add_argument("--all", action="store_true", help="also list ReLU and Dropout blobs")
+    q = what.add_parser("sizes", help="convolution and transposed-convolution output sizes; output_padding")
+    q.add_argument("--size", type=int, default=7)
+    q.add_argument("--kernel", type=int, default=3)
+    q.add_argument("--stride", type=int, default=2)
+    q.add_argument("--padding", type=int, default=1)
+    q.add_argument("--dilation", type=int, default=1)
+
+
+def cmd_explain(args):
+    from . import explain  # noqa: PLC0415
+
+    if args.topic == "conv-matrix":
+        print(explain.conv_matrix_report(args.size, args.kernel, args.stride, args.padding, args.dilation))
+    elif args.topic == "fcn":
+        rows = explain.fcn_table(args.model, args.size, args.input_width, model_width=args.width,
+                                 num_classes=args.classes)
+        print(f"{args.model} on a {args.size} x {args.input_width or args.size} input (channels at width "
+              f"{args.width:g}; stride and RF in input pixels; unit u of a blob is centred on input row "
+              f"'input row of unit u'; crop offsets: the model's, and in brackets the one the maps demand)\n")
+        print(explain.format_fcn_table(rows, skip_activations=not args.all))
+    else:
+        print(explain.size_report(args.size, args.kernel, args.stride, args.padding, args.dilation))
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="minifcn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,8 +199,10 @@ def main(argv=None):
     p = sub.add_parser("gradcheck", help="check every layer's backward against central differences")
     p.add_argument("--mode", choices=("elementwise", "random"), default="elementwise")
     p.add_argument("--tol", type=float, default=1e-6)
+    _add_explain(sub)
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck,
+                "explain": cmd_explain}
     try:
         return handlers[args.command](args)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:

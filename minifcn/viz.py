@@ -80,6 +80,9 @@ def save_png(array, path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

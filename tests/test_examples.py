@@ -1,0 +1,112 @@
+"""Every script in examples/ runs with --quick, writes a PNG that Pillow opens, and its printed claims hold.
+
+Each example runs in a subprocess (as a user would run it, from the repository
+root, without installing anything) and writes into tmp_path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MINIFCN_DEVICE="cpu")
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{name} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def assert_png(path: Path, max_bytes=200_000):
+    assert path.is_file(), f"{path} was not written"
+    assert path.stat().st_size < max_bytes, f"{path} is {path.stat().st_size} bytes"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 100 and im.height >= 100
+
+
+def number_after(text, prefix):
+    """The first number printed after ``prefix`` on a line."""
+    m = re.search(re.escape(prefix) + r"\s*([-+0-9.eE]+|nan|inf)", text)
+    assert m, f"{prefix!r} not in output:\n{text}"
+    return float(m.group(1))
+
+
+def test_every_example_is_tested():
+    scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert scripts == {"transposed_conv_backprop.py", "gradcheck_layers.py", "train_fcn_shapes.py",
+                       "upsampling_compare.py", "fcn_stages.py"}
+
+
+def test_transposed_conv_backprop(tmp_path):
+    out = run_example("transposed_conv_backprop.py", "--out", str(tmp_path))
+    assert number_after(out, "largest error over all geometries:") < 1e-12
+    assert "interior values of a constant image [1.0, 2.0, 4.0]" in out.split("all-ones kernel 3, stride 2:")[-1]
+    assert "all-ones kernel 4, stride 2: interior values of a constant image [4.0]" in out
+    assert "1234" in out and "output_padding=(1, 1)" in out
+    for name in ("transposed_conv.png", "checkerboard.png"):
+        assert_png(tmp_path / name)
+
+
+def test_gradcheck_layers(tmp_path):
+    out = run_example("gradcheck_layers.py", "--out", str(tmp_path))
+    assert "all passed" in out
+    assert re.search(r"caught: Conv1x1Wrong input FAIL, max relative error [0-9.]+ at index \(\d+, \d+, \d+, \d+\)", out)
+    assert "Conv1x1Wrong: gradient check" in out and out.count("FAIL") >= 2   # the table row and the summary
+    assert_png(tmp_path / "gradcheck.png")
+
+
+def test_upsampling_compare(tmp_path):
+    out = run_example("upsampling_compare.py", "--out", str(tmp_path))
+    assert number_after(out, "max |difference|") < 1e-12                      # inside the frame
+    bilinear = number_after(out, "held-out MSE inside the frame, bilinear ConvTranspose2d:")
+    learned = number_after(out, "held-out MSE inside the frame, learned ConvTranspose2d:")
+    assert number_after(out, "held-out MSE inside the frame, bilinear:") == pytest.approx(bilinear)
+    assert learned < bilinear
+    assert_png(tmp_path / "upsampling.png")
+
+
+def test_train_fcn_shapes(tmp_path):
+    run = tmp_path / "run"
+    out = run_example("train_fcn_shapes.py", "--out", str(run))
+    loss = number_after(out, "final train loss")
+    assert math.isfinite(loss) and loss > 0
+    assert 0.0 <= number_after(out, "pixel accuracy") <= 1.0
+    assert "best.npz: FCN8s" in out
+    for name in ("predictions.png", "loss.png"):
+        assert_png(run / name)
+    assert (run / "best.npz").is_file() and (run / "metrics.jsonl").is_file()
+
+
+def test_fcn_stages(tmp_path):
+    out = run_example("fcn_stages.py", "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"))
+    assert "trained in" in out
+    assert number_after(out, "equals model(x): max |difference|") == 0.0
+    assert number_after(out, "+ C (stride 8): max relative difference") < 1e-4
+    for stage in ("32s", "16s", "8s"):
+        acc = float(re.search(rf"stage {stage} \(\w+\): pixel accuracy ([0-9.]+)", out).group(1))
+        assert 0.0 <= acc <= 1.0
+    assert_png(tmp_path / "fcn_stages.png")
+    assert (tmp_path / "run" / "best.npz").is_file()
+
+
+def test_fcn_stages_from_checkpoint(tmp_path):
+    """--checkpoint of an FCN-8s skips training: reuse the run that train_fcn_shapes.py --quick writes."""
+    run = tmp_path / "run"
+    run_example("train_fcn_shapes.py", "--out", str(run))
+    out = run_example("fcn_stages.py", "--out", str(tmp_path), "--checkpoint", str(run / "best.npz"))
+    assert "trained in" not in out
+    assert number_after(out, "equals model(x): max |difference|") == 0.0
+    assert_png(tmp_path / "fcn_stages.png")
