@@ -87,6 +87,11 @@ class MinifcnRunner:
         self.opt.step()
         synchronize(self.device)
 
+    def sgd(self):
+        """The optimiser update alone (momentum and weight decay over every parameter)."""
+        self.opt.step()
+        synchronize(self.device)
+
 
 class TorchRunner:
     def __init__(self, torch, minifcn_runner, device="cpu"):
@@ -121,6 +126,10 @@ class TorchRunner:
 
     def step(self):
         self.forward_backward()
+        self.opt.step()
+        self.sync()
+
+    def sgd(self):
         self.opt.step()
         self.sync()
 
@@ -254,16 +263,16 @@ def main(argv=None):
         fwd_flops = sum(fcn_flops(mine.model, side, side, batch).values())
         candidates = {}
         theirs = TorchRunner(torch, mine, args.device) if torch is not None else None
-        for what in ("forward", "forward_backward", "step"):
+        for what in ("forward", "forward_backward", "step", "sgd"):
             candidates[f"minifcn {what}"] = getattr(mine, what)
             if theirs is not None:
                 candidates[f"torch {what}"] = getattr(theirs, what)
         results = interleaved(candidates, rounds=args.rounds, warmup=1)
-        for what, factor in (("forward", 1), ("forward_backward", 3), ("step", 3)):
+        for what, factor in (("forward", 1), ("forward_backward", 3), ("step", 3), ("sgd", 0)):
             m = results[f"minifcn {what}"].median
             t = results[f"torch {what}"].median if theirs is not None else None
-            gf = gflops(factor * fwd_flops, m)
-            share = f"{100 * gf / ceiling['median_gflops']:.0f} %" if ceiling else ""
+            gf = gflops(factor * fwd_flops, m) if factor else None
+            share = f"{100 * gf / ceiling['median_gflops']:.0f} %" if ceiling and gf else ""
             rows.append((f"{case} ({batch}x3x{side}x{side}, width {width:g})", what.replace("_", "+"),
                          1e3 * m, 1e3 * t if t else None, m / t if t else None, gf, share))
         if args.layers:
