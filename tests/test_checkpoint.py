@@ -138,3 +138,17 @@ def test_npz_without_metadata_or_with_bad_metadata(tmp_path):
     np.savez(bad, __meta__=np.frombuffer(b"{not json", np.uint8))
     with pytest.raises(CheckpointError, match="bad.npz.*metadata"):
         load_checkpoint(bad)
+
+
+def test_checkpoint_gets_ordinary_file_permissions(tmp_path):
+    """The temporary file of an atomic save is created 0600; the checkpoint must not stay so."""
+    import os  # noqa: PLC0415
+
+    from minifcn.checkpoint import save_checkpoint  # noqa: PLC0415
+
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "c.npz", {"a": np.zeros(2)})
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
