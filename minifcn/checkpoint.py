@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from .atomic import atomic_write
 from .backend import to_numpy
 
 _META_KEY = "__meta__"
@@ -27,28 +27,11 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> str:
     """Atomically write ``arrays`` (name -> NumPy or CuPy array) and ``meta`` (JSON-able) to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {name: to_numpy(a) for name, a in arrays.items()}
     if _META_KEY in payload:
         raise ValueError(f"array name {_META_KEY!r} is reserved")
     payload[_META_KEY] = np.frombuffer(json.dumps(meta or {}).encode("utf-8"), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **payload), suffix=".npz")
 
 
 def load_checkpoint(path):

@@ -6,12 +6,11 @@ run never sees half a file.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_write
 from .backend import to_numpy
 
 IGNORE_LABEL = 255
@@ -72,22 +71,8 @@ def save_png(array, path) -> None:
     The PNG is written to a temporary file in the same folder, then renamed over
     ``path`` with ``os.replace``. Missing parent folders are created.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     image = array if isinstance(array, Image.Image) else Image.fromarray(np.asarray(to_numpy(array), np.uint8))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PNG the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------- prediction grid
