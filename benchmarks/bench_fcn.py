@@ -60,6 +60,7 @@ class MinifcnRunner:
     def __init__(self, width, batch, side, device="cpu", seed=0):
         self.device = device
         self.model = FCN8s(21, width, seed=seed).to(device)
+        self.model.input_grad = False  # as in PyTorch, where the input does not require a gradient
         rng = np.random.default_rng(seed)
         # small nonzero score layers so the gradient reaches the whole network
         for name, p in self.model.named_parameters():

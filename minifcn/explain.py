@@ -53,8 +53,8 @@ def conv_matrix(in_shape, weight, stride=1, padding=0, dilation=1) -> np.ndarray
                          f"got {weight.shape}")
     in_size = c * h * w
     units = np.eye(in_size, dtype=weight.dtype).reshape(in_size, c, h, w)  # batch of unit images
-    y, _ = conv2d_forward(units, weight, pair(stride, "stride", 1), pair(padding, "padding", 0),
-                          pair(dilation, "dilation", 1))
+    y = conv2d_forward(units, weight, pair(stride, "stride", 1), pair(padding, "padding", 0),
+                       pair(dilation, "dilation", 1))
     return y.reshape(in_size, -1).T.copy()  # column j = C e_j
 
 

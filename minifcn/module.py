@@ -191,6 +191,24 @@ class Module:
         return "\n".join(lines) + "\n)"
 
 
+def input_grad_switch(first_layer: str):
+    """A model property ``input_grad`` that turns the input gradient of its first layer on and off.
+
+    True by default (gradient checks and saliency need it). Training sets it
+    to False, as PyTorch skips the gradient of an input that does not require
+    one: the first convolution's input-gradient product, often on the
+    largest map of the network (FCN's padding 100), is never computed, and
+    the model's ``backward`` returns None.
+    """
+    def get(self):
+        return getattr(self, first_layer).input_grad
+
+    def set(self, value):
+        getattr(self, first_layer).input_grad = bool(value)
+
+    return property(get, set, doc=f"Whether backward computes the input's gradient (at layer {first_layer}).")
+
+
 class Sequential(Module):
     """Layers applied one after another; backward runs them in reverse.
 

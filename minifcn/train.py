@@ -196,6 +196,7 @@ def train(cfg: TrainConfig, log=print):
     if cfg.vgg_weights:
         load_vgg16_npz(model, cfg.vgg_weights)
     model.to(device)
+    model.input_grad = False  # the images need no gradient: conv1_1 skips its largest product
     optimizer = SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(model, cfg.reduction)
     loader_kw = dict(mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)

@@ -9,6 +9,7 @@ id is the configuration and cannot drift from it.
 """
 from __future__ import annotations
 
+import importlib
 import re
 
 import numpy as np
@@ -59,6 +60,9 @@ CONV_CASES = [
     "k5-s4-p3-d3-n1-c1to1-9x10-nobias",
     "k3-s2-p1-d1-n1-c1to2-1x2",
     "k1-s4-p0-d1-n1-c1to1-1x1",
+    # the stride divides the kernel: the input gradient is a sub-pixel convolution
+    "k16-s8-p4-d1-n2-c3to2-20x18",
+    "k4x6-s2x3-p1x2-d1-n1-c2to3-9x11",
 ]
 
 TRANSPOSE_CASES = [
@@ -98,6 +102,9 @@ TRANSPOSE_CASES = [
     "k5-s4-p3-op3-d3-n1-c1to1-2x3-nobias",
     "k3-s2-p1-d1-n1-c1to2-1x1",
     "k1-s4-p0-op3-d1-n1-c1to1-1x2",
+    # FCN's upsampling shape (k = 2s) with padding, and a non-square block with output_padding
+    "k16-s8-p4-d1-n2-c2to3-3x2",
+    "k4x6-s2x3-p1x2-op1x0-d1-n2-c3to2-3x4",
 ]
 
 ELEMENTWISE_CONV = ["k1-s1-p1-d1-n1-c2to3-3x4", "k3x2-s2-p1-d2-n2-c3to4-7x6", "k2-s1-p0-d3-n1-c2to2-5x4",
@@ -253,6 +260,68 @@ def test_conv_transpose2d_matches_reference(case, xp, rng, rel_err):
     assert rel_err(layer.weight.grad, dw_ref) < 1e-10
     if layer.bias is not None:
         assert rel_err(layer.bias.grad, db_ref) < 1e-10
+
+
+# ---------------------------------------------------------------------------
+# 2b. Bands: unfolding a few output rows at a time changes nothing
+# ---------------------------------------------------------------------------
+BAND_CASES = ["k3-s1-p1-d1-n2-c3to4-7x6", "k3-s2-p1-d1-n3-c2to3-8x7", "k3x2-s2-p1-d2-n2-c3to4-7x6",
+              "k1-s1-p0-d1-n1-c1to1-5x4", "k4x2-s3x2-p2x1-d1x2-n2-c3to2-7x8", "k16-s8-p4-d1-n2-c3to2-20x18"]
+
+
+def _forward_backward(layer, x, dy):
+    layer.zero_grad()
+    y = layer(x.copy())
+    dx = layer.backward(dy.copy())
+    return [y, dx, layer.weight.grad.copy()] + ([layer.bias.grad.copy()] if layer.bias else [])
+
+
+@pytest.mark.parametrize("case", BAND_CASES)
+@pytest.mark.parametrize("which", ["conv", "transpose"])
+def test_one_row_bands_give_the_same_results(case, which, rng, monkeypatch):
+    """Every layer output and gradient is identical whether a band holds the
+    whole image or a single output row (the band loop must cover each row once)."""
+    im2col_module = importlib.import_module("minifcn.layers.im2col")  # the module, not the function
+
+    if which == "conv":
+        layer, shape = make_conv(case)
+    else:
+        c = parse(case)
+        layer = ConvTranspose2d(c["cout"], c["cin"], c["kernel_size"], c["stride"], c["padding"],
+                                dilation=c["dilation"], bias=c["bias"], dtype=np.float64, rng=0)
+        shape = Conv2d(c["cin"], c["cout"], c["kernel_size"], c["stride"], c["padding"], c["dilation"]).output_shape(
+            (c["n"], c["cin"], *c["hw"]))
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(layer.output_shape(shape))
+    whole = _forward_backward(layer, x, dy)
+    monkeypatch.setitem(im2col_module.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(im2col_module, "MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(im2col_module, "BAND_CHANNELS", 10**6)
+    rows = _forward_backward(layer, x, dy)
+    for a, b in zip(whole, rows):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_bands_tile_the_output_rows():
+    from minifcn.layers.im2col import Unfolding
+
+    u = Unfolding((2, 8, 50, 40), (3, 3), (1, 1), (1, 1), (1, 1))
+    for budget_channels in (8, 64):
+        bands = list(u.bands(np, 4, budget_channels))
+        assert bands[0][0] == 0 and bands[-1][1] == 50
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bands, bands[1:]))
+    assert list(u.bands(np, 4, 65)) == [(0, 50)]  # many output channels: one product
+
+
+def test_input_grad_off_skips_dx_and_keeps_parameter_gradients(rng):
+    layer, shape = make_conv("k3-s1-p1-d1-n2-c3to4-7x6")
+    x, dy = rng.standard_normal(shape), rng.standard_normal(layer.output_shape(shape))
+    with_dx = _forward_backward(layer, x, dy)
+    layer.input_grad = False
+    without = _forward_backward(layer, x, dy)
+    assert without[1] is None
+    for a, b in zip(with_dx[2:], without[2:]):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ A convolution with weight ``W`` of shape (out, in, kh, kw) is a linear map
 * :func:`conv2d_input_grad`   ``dx = C^T dy``     (one product, then col2im)
 * :func:`conv2d_weight_grad`  ``dW = dy . cols^T``
 
+each run band by band over the output rows (see :mod:`minifcn.layers.im2col`).
+
 A transposed convolution *is* ``C^T``: its forward is
 ``conv2d_input_grad`` and its backward is ``conv2d_forward`` (for the input
 gradient) plus ``conv2d_weight_grad`` with the roles of input and upstream
@@ -22,44 +24,32 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ._checks import check_grad, check_nchw, need_forward, pair
-from .im2col import col2im, conv_output_size, conv_transpose_output_size, im2col, workspace
-
-
-def channels_first(a):
-    """(N, C, H, W) -> (C, N*H*W): the column layout of im2col (a view when N == 1)."""
-    n, c, h, w = a.shape
-    if n == 1:
-        return a.reshape(c, h * w)
-    return get_array_module(a).ascontiguousarray(a.transpose(1, 0, 2, 3)).reshape(c, n * h * w)
-
-
-def batch_first(a, n, h, w):
-    """(C, N*H*W) -> (N, C, H, W), inverse of :func:`channels_first`."""
-    c = a.shape[0]
-    if n == 1:
-        return a.reshape(1, c, h, w)
-    return get_array_module(a).ascontiguousarray(a.reshape(c, n, h, w).transpose(1, 0, 2, 3))
+from .im2col import Unfolding, conv_output_size, conv_transpose_output_size, workspace
 
 
 def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None):
-    """``y = C x``.
+    """``y = C x``: for each band of output rows, im2col then one product.
 
     Inputs:
-        x: (N, Cin, H, W); weight: (Cout, Cin, kh, kw); geometry as (h, w) pairs.
+        x: (N, Cin, H, W); weight: (Cout, Cin, kh, kw); geometry as (h, w) pairs;
+        out_hw: optional (OH, OW), at most the natural output size.
     Returns:
-        y: (N, Cout, OH, OW), and cols: (Cin*kh*kw, N*OH*OW), the unfolded
-        input, which lives in a shared workspace: use it (for the weight
-        gradient) before the next convolution runs.
+        y: (N, Cout, OH, OW).
     """
     xp = get_array_module(x)
-    n, cin, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    oh, ow = out_hw or (conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
-                        conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
-    out = workspace(xp, x.dtype, (cin * kh * kw, n * oh * ow))
-    cols, _ = im2col(x, (kh, kw), stride, padding, dilation, (oh, ow), out=out)
-    y = weight.reshape(cout, -1) @ cols  # (Cout, Cin*kh*kw) @ (Cin*kh*kw, N*OH*OW)
-    return batch_first(y, n, oh, ow), cols
+    n = x.shape[0]
+    cout = weight.shape[0]
+    u = Unfolding(x.shape, weight.shape[2:], stride, padding, dilation, out_hw)
+    oh, ow = u.out_hw
+    w2 = weight.reshape(cout, -1)                          # (Cout, Cin*kh*kw)
+    y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
+    y3 = y.reshape(n, cout, oh * ow)
+    xpad = u.pad(x)
+    for r0, r1 in u.bands(xp, x.itemsize, cout):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+        # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, band) -> output rows r0..r1 of every image, in place
+        xp.matmul(w2, cols, out=y3[:, :, r0 * ow:r1 * ow])
+    return y
 
 
 def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
@@ -69,32 +59,139 @@ def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
         dy: (N, Cout, OH, OW); weight: (Cout, Cin, kh, kw); x_shape: (N, Cin, H, W).
     Returns:
         dx: (N, Cin, H, W).
+
+    One linear map, four ways to compute it, chosen by the geometry (each is
+    checked against the loop reference in the tests):
+
+    1. 1x1, stride 1, no padding: one product ``W^T dy``.
+    2. stride 1: a convolution of dy with the flipped kernel
+       (:func:`_input_grad_by_flipped_kernel`).
+    3. the stride divides the kernel: a sub-pixel convolution
+       (:func:`_input_grad_by_blocks`).
+    4. anything else: for each band of rows, the product ``W^T dy`` gives the
+       columns' gradient, and col2im adds it back onto the input grid.
     """
     xp = get_array_module(dy)
-    oh, ow = dy.shape[2:]
-    cout = weight.shape[0]
-    dy2 = channels_first(dy)                                     # (Cout, N*OH*OW)
-    dcols = workspace(xp, dy.dtype, (weight[0].size, dy2.shape[1]))
-    xp.matmul(weight.reshape(cout, -1).T, dy2, out=dcols)        # (Cin*kh*kw, N*OH*OW)
-    return col2im(dcols, x_shape, weight.shape[2:], stride, padding, dilation, (oh, ow))
+    n, cout, oh, ow = dy.shape
+    u = Unfolding(x_shape, weight.shape[2:], stride, padding, dilation, (oh, ow))
+    wt = weight.reshape(cout, -1).T                        # (Cin*kh*kw, Cout)
+    dy3 = dy.reshape(n, cout, oh * ow)
+    if u.pointwise:  # 1x1: the columns are the input gradient itself
+        return xp.matmul(wt, dy3).reshape(x_shape)
+    if _flipped_kernel_applies(u):
+        return _input_grad_by_flipped_kernel(dy, weight, u)
+    if u.blocked:
+        return _input_grad_by_blocks(dy, weight, u)
+    gpad = u.zeros(xp, dy.dtype)
+    for r0, r1 in u.bands(xp, dy.itemsize, cout):
+        dcols = workspace(xp, dy.dtype, u.band_shape(r0, r1))
+        xp.matmul(wt, dy3[:, :, r0 * ow:r1 * ow], out=dcols)  # (N, Cin*kh*kw, band)
+        u.fold(dcols, gpad, r0, r1)
+    return u.crop(gpad)
 
 
-def conv2d_weight_grad(dy, cols, weight_shape):
-    """``dW[o, k] = sum over batch and positions of dy[n, o, l] * cols[k, (n, l)]``.
+def _full_padding(u):
+    """Padding that turns a stride-1 convolution's output back into its input size: d(k-1) - p."""
+    return tuple((k - 1) * d - p for k, d, p in zip(u.kernel, u.dilation, u.padding))
+
+
+def _flipped_kernel_applies(u):
+    """Stride 1, dy reaches every input pixel (not past an output_padding), and
+    the input has no more pixels than dy (not fc6's 7x7 on a small map, where
+    the flipped convolution would multiply mostly padding)."""
+    (h, w), (oh, ow) = u.x_shape[2:], u.out_hw
+    full = _full_padding(u)
+    return (u.stride == (1, 1) and min(full) >= 0
+            and (oh + full[0] - u.padding[0], ow + full[1] - u.padding[1]) == (h, w) and h * w <= oh * ow)
+
+
+def _input_grad_by_flipped_kernel(dy, weight, u):
+    """``C^T dy`` at stride 1: itself a convolution.
+
+    dy padded by ``d(k-1) - p`` and correlated with the kernel flipped in space
+    and with in/out channels swapped::
+
+        dx[n, c, y, x] = sum_{o,i,j} W[o, c, kh-1-i, kw-1-j] * dypad[n, o, y + i*dh, x + j*dw]
+
+    An im2col of dy and a product with Cin rows replace the product with only
+    Cout inner terms (slow in BLAS when Cout is small) and the kh*kw
+    read-modify-write passes of col2im.
+    """
+    xp = get_array_module(dy)
+    flipped = xp.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (Cin, Cout, kh, kw)
+    return conv2d_forward(dy, flipped, (1, 1), _full_padding(u), u.dilation, out_hw=u.x_shape[2:])
+
+
+def _input_grad_by_blocks(dy, weight, u):
+    """``C^T dy`` when the stride divides the kernel (``k = m*s``, dilation 1): a sub-pixel convolution.
+
+    Padded input pixel ``(P*s + r, Q*s + t)`` (0 <= r, t < s) collects
+    ``dy[o, P - a, Q - e] * W[o, c, a*s + r, e*s + t]`` over ``a, e < m``. So
+    each s x s block of the input gradient is one pixel of a stride-1
+    convolution of dy (padded by m - 1, kernel m x m flipped) with
+    ``Cin * s * s`` output channels ``(c, r, t)``, and a depth-to-space
+    reshuffle lays those channels out as the block's pixels. For FCN's
+    upsampling (k = 2s) that is a 2x2 convolution and one copy, instead of
+    k*k overlapping strided adds.
+    """
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    cin, (kh, kw), (sh, sw) = weight.shape[1], weight.shape[2:], u.stride
+    mh, mw = kh // sh, kw // sw
+    # blocked[(c, r, t), o, a', e'] = W[o, c, (m-1-a')*s + r, (m-1-e')*s + t]
+    blocked = weight.reshape(cout, cin, mh, sh, mw, sw)[:, :, ::-1, :, ::-1, :]
+    blocked = xp.ascontiguousarray(blocked.transpose(1, 3, 5, 0, 2, 4)).reshape(cin * sh * sw, cout, mh, mw)
+    per_block = conv2d_forward(dy, blocked, (1, 1), (mh - 1, mw - 1), (1, 1))  # (N, Cin*sh*sw, HB, WB)
+    hb, wb = per_block.shape[2:]                                               # HB = OH + m - 1
+    gpad = u.zeros(xp, dy.dtype, blocked=True)
+    # depth to space: block (P, Q) of channel c gets per_block[n, (c, r, t), P, Q] at pixel (r, t)
+    u.blocks(gpad)[:, :, :hb, :, :wb, :] = per_block.reshape(n, cin, sh, sw, hb, wb).transpose(0, 1, 4, 2, 5, 3)
+    return u.crop(gpad)
+
+
+def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+    """``dW[o, k] = sum over images n and positions l of dy[n, o, l] * cols[n, k, l]``.
 
     Inputs:
-        dy: (N, Cout, OH, OW); cols: (Cin*kh*kw, N*OH*OW), im2col of the input.
+        dy: (N, Cout, OH, OW); x: (N, Cin, H, W), the input that was unfolded;
+        accumulate: optional array of weight_shape (a parameter's ``.grad``)
+            that dW is added into, instead of a new array.
     Returns:
-        dW: weight_shape = (Cout, Cin, kh, kw).
+        dW: weight_shape = (Cout, Cin, kh, kw) (``accumulate`` itself when given).
     """
-    dy2 = channels_first(dy)  # (Cout, N*OH*OW)
-    if cols.shape[1] > cols.shape[0]:
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    u = Unfolding(x.shape, weight_shape[2:], stride, padding, dilation, (oh, ow))
+    dy3 = dy.reshape(n, cout, oh * ow)
+    if accumulate is None:
+        accumulate = xp.zeros(weight_shape, dtype=dy.dtype)
+    elif tuple(accumulate.shape) != tuple(weight_shape) or not accumulate.flags.c_contiguous:
+        raise ValueError(f"conv2d_weight_grad: accumulate must be a contiguous array of shape "
+                         f"{tuple(weight_shape)}, got shape {tuple(accumulate.shape)}")
+    dw = accumulate.reshape(cout, u.rows)  # a view, so the += below lands in accumulate
+    xpad = u.pad(x)
+    for r0, r1 in u.bands(xp, x.itemsize, cout):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+        _add_products(dw, dy3[:, :, r0 * ow:r1 * ow], cols)
+    return accumulate
+
+
+def _add_products(dw, dy3, cols):
+    """dw (Cout, K) += sum_n dy3[n] @ cols[n]^T, for dy3 (N, Cout, L) and cols (N, K, L)."""
+    xp = get_array_module(dw)
+    n, cout, length = dy3.shape
+    k = cols.shape[1]
+    if length >= k and length >= cout:
         # Many positions (early layers): cols @ dy^T runs several times faster in
-        # OpenBLAS than dy @ cols^T; transposing the small (Cin*kh*kw, Cout) result is cheap.
-        return (cols @ dy2.T).T.reshape(weight_shape)
-    # Few positions, long rows (fc6: 25088 x 64): dy @ cols^T gives the weight layout
-    # directly, so the caller's += runs over contiguous memory.
-    return (dy2 @ cols.T).reshape(weight_shape)
+        # OpenBLAS than dy @ cols^T, and the (N, K, Cout) results are small.
+        dw += xp.matmul(cols, dy3.transpose(0, 2, 1)).sum(axis=0).T
+        return
+    # Few positions, large weight (fc6: 4096 x 25088): one product over the
+    # batch folded into the positions (copies of small arrays when N > 1),
+    # into a reused buffer the size of the weight, then one add.
+    dy2 = dy3.transpose(1, 0, 2).reshape(cout, n * length)
+    cols2 = cols.transpose(1, 0, 2).reshape(k, n * length)
+    dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))
 
 
 def _check_same_dtype(x, weight, layer):
@@ -119,7 +216,9 @@ class Conv2d(Module):
     Args (PyTorch meanings): in_channels, out_channels, kernel_size, stride=1,
     padding=0 (zeros), dilation=1, bias=True; each geometric argument an int
     or an (h, w) pair. ``dtype`` (float32 default) and ``rng`` (a NumPy
-    Generator or seed) control the initial weights.
+    Generator or seed) control the initial weights. Set the attribute
+    ``input_grad = False`` on a first layer whose input needs no gradient (an
+    image): ``backward`` then only accumulates dW and db and returns None.
 
     Shapes: input (N, Cin, H, W) -> output (N, Cout, OH, OW) with
     ``OH = floor((H + 2p - d(k-1) - 1) / s) + 1``. Weight (Cout, Cin, kh, kw), bias (Cout,).
@@ -139,6 +238,7 @@ class Conv2d(Module):
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.weight = Parameter(_uniform_init((self.out_channels, self.in_channels, *self.kernel_size), fan_in, dtype, rng))
         self.bias = Parameter(_uniform_init((self.out_channels,), fan_in, dtype, rng)) if bias else None
+        self.input_grad = True
         self._cache = None
 
     def output_shape(self, input_shape):
@@ -158,25 +258,25 @@ class Conv2d(Module):
                     f"Conv2d: kernel extent {span} (kernel_size={self.kernel_size}, dilation={self.dilation}) "
                     f"is larger than the padded input {'HW'[axis]}={size}+2*{self.padding[axis]} "
                     f"(input shape {tuple(x.shape)})")
-        y, _ = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation)
+        y = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)
-        # Keep the input, not its columns: backward unfolds it again into the
-        # shared workspace (one im2col more, but no columns held per layer).
+        # Keep the input, not its columns: backward unfolds it again, band by
+        # band (one im2col more, but no columns held per layer).
         self._cache = (x, y.shape)
         return y
 
     def backward(self, dy):
-        """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W); adds dW, db into .grad."""
+        """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W) (None if not input_grad); adds dW, db into .grad."""
         x, y_shape = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
         if self.weight.trainable:
-            xp = get_array_module(x)
-            out = workspace(xp, x.dtype, (self.weight.data[0].size, dy.shape[0] * dy.shape[2] * dy.shape[3]))
-            cols, _ = im2col(x, self.kernel_size, self.stride, self.padding, self.dilation, dy.shape[2:], out=out)
-            self.weight.grad += conv2d_weight_grad(dy, cols, self.weight.shape)
+            conv2d_weight_grad(dy, x, self.weight.shape, self.stride, self.padding, self.dilation,
+                               accumulate=self.weight.grad)
         if self.bias is not None and self.bias.trainable:
             self.bias.grad += dy.sum(axis=(0, 2, 3))
+        if not self.input_grad:
+            return None
         return conv2d_input_grad(dy, self.weight.data, x.shape, self.stride, self.padding, self.dilation)
 
     def extra_repr(self):
@@ -254,10 +354,12 @@ class ConvTranspose2d(Module):
         check_grad(dy, out_shape, "ConvTranspose2d")
         # Backward of the transpose = forward of the convolution (cut to x's size
         # when output_padding added rows the convolution would map past it).
-        dx, cols = conv2d_forward(dy, self.weight.data, self.stride, self.padding, self.dilation,
-                                  out_hw=x.shape[2:])
+        dx = conv2d_forward(dy, self.weight.data, self.stride, self.padding, self.dilation,
+                            out_hw=x.shape[2:])
         if self.weight.trainable:  # FCN's fixed bilinear upsampling skips this product
-            self.weight.grad += conv2d_weight_grad(x, cols, self.weight.shape)
+            # the convolution's weight gradient with input dy and upstream gradient x
+            conv2d_weight_grad(x, dy, self.weight.shape, self.stride, self.padding, self.dilation,
+                               accumulate=self.weight.grad)
         if self.bias is not None and self.bias.trainable:
             self.bias.grad += dy.sum(axis=(0, 2, 3))
         return dx

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import Concat, Conv2d, ConvTranspose2d, MaxPool2d, ReLU
-from ..module import Module
+from ..module import Module, input_grad_switch
 from .vgg import he_init
 
 
@@ -23,6 +23,8 @@ class EncoderDecoder(Module):
     Input (N, in_channels, H, W) with H and W divisible by 8; output
     (N, num_classes, H, W).
     """
+
+    input_grad = input_grad_switch("conv1")
 
     def __init__(self, in_channels=3, num_classes=1, base_width=16, dtype=np.float32, seed=0):
         super().__init__()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import Add, Conv2d, ConvTranspose2d, Crop, Scale, bilinear_kernel
-from ..module import Module
+from ..module import Module, input_grad_switch
 from .vgg import scaled, vgg16_layers
 
 
@@ -94,6 +94,8 @@ class FCNBase(Module):
             for name in reversed(self.stages[s - 1]):
                 dy = getattr(self, name).backward(dy)
         return dy
+
+    input_grad = input_grad_switch("conv1_1")
 
     def check_input(self, x):
         if getattr(x, "ndim", None) != 4 or x.shape[1] != 3:
