@@ -42,6 +42,7 @@ from minifcn.optim import SGD  # noqa: E402
 
 CASES = {  # name: (width, batch, side)
     "224": (1.0, 1, 224),
+    "320": (1.0, 1, 320),
     "500": (1.0, 1, 500),
     "small": (0.125, 8, 64),
 }
@@ -214,7 +215,7 @@ def child(framework, case, device):
 
 
 def memory_table(cases, device, use_torch):
-    rows = []
+    rows, per_gflop = [], {}
     for case in cases:
         res = {}
         for fw in ("minifcn", "torch") if use_torch else ("minifcn",):
@@ -257,7 +258,7 @@ def main(argv=None):
         print(f"float32 matrix-product ceiling (2048^3 sgemm): {ceiling['median_gflops']:.0f} GFLOP/s (median)")
     else:
         ceiling = None
-    rows = []
+    rows, per_gflop = [], {}
     for case in cases:
         width, batch, side = CASES[case]
         mine = MinifcnRunner(width, batch, side, args.device)
@@ -274,16 +275,24 @@ def main(argv=None):
             t = results[f"torch {what}"].median if theirs is not None else None
             gf = gflops(factor * fwd_flops, m) if factor else None
             share = f"{100 * gf / ceiling['median_gflops']:.0f} %" if ceiling and gf else ""
+            ms_per_gflop = 1e3 * m / (factor * fwd_flops / 1e9) if factor else None
+            if what == "forward":
+                per_gflop[case] = ms_per_gflop
             rows.append((f"{case} ({batch}x3x{side}x{side}, width {width:g})", what.replace("_", "+"),
-                         1e3 * m, 1e3 * t if t else None, m / t if t else None, gf, share))
+                         1e3 * m, 1e3 * t if t else None, m / t if t else None, gf, share, ms_per_gflop))
         if args.layers:
             profile, whole = layer_profile(mine, "step")
             print(f"\nminifcn per-layer time of a training step, case {case} ({1e3 * whole:.0f} ms):")
             print_layers(profile, whole, fcn_flops(mine.model, side, side, batch))
         del mine, theirs
     print()
-    print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio", "minifcn GFLOP/s", "of ceiling"), rows,
-                (None, None, ".0f", ".0f", ".2f", ".0f", None))
+    print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio", "minifcn GFLOP/s", "of ceiling",
+                 "ms per GFLOP"), rows, (None, None, ".0f", ".0f", ".2f", ".0f", None, ".2f"))
+    full_width = {c: v for c, v in per_gflop.items() if c in ("224", "320", "500")}
+    if len(full_width) > 1:  # cost growth: time per forward GFLOP (counted from the real layer shapes)
+        spread = max(full_width.values()) / min(full_width.values()) - 1
+        print("\nforward ms per GFLOP: " + ", ".join(f"{c}: {v:.2f}" for c, v in full_width.items())
+              + f"; largest / smallest - 1 = {100 * spread:.0f} % (target <= 20 %)")
     if args.memory:
         memory_table(cases, args.device, torch is not None)
 

@@ -54,7 +54,7 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
-    epochs: int = 5
+    epochs: int = 7
     batch_size: int = 2
     lr: float = 0.01
     momentum: float = 0.9

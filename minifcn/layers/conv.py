@@ -27,12 +27,13 @@ from ._checks import check_grad, check_nchw, need_forward, pair
 from .im2col import Unfolding, conv_output_size, conv_transpose_output_size, workspace
 
 
-def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None):
-    """``y = C x``: for each band of output rows, im2col then one product.
+def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``y = C x (+ b)``: for each band of output rows, im2col then one product.
 
     Inputs:
         x: (N, Cin, H, W); weight: (Cout, Cin, kh, kw); geometry as (h, w) pairs;
-        out_hw: optional (OH, OW), at most the natural output size.
+        out_hw: optional (OH, OW), at most the natural output size;
+        bias: optional (Cout,), added band by band while the band is in cache.
     Returns:
         y: (N, Cout, OH, OW).
     """
@@ -48,7 +49,10 @@ def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None):
     for r0, r1 in u.bands(xp, x.itemsize, cout):
         cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
         # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, band) -> output rows r0..r1 of every image, in place
-        xp.matmul(w2, cols, out=y3[:, :, r0 * ow:r1 * ow])
+        band = y3[:, :, r0 * ow:r1 * ow]
+        xp.matmul(w2, cols, out=band)
+        if bias is not None:
+            band += bias.reshape(cout, 1)
     return y
 
 
@@ -258,9 +262,8 @@ class Conv2d(Module):
                     f"Conv2d: kernel extent {span} (kernel_size={self.kernel_size}, dilation={self.dilation}) "
                     f"is larger than the padded input {'HW'[axis]}={size}+2*{self.padding[axis]} "
                     f"(input shape {tuple(x.shape)})")
-        y = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation)
-        if self.bias is not None:
-            y += self.bias.data.reshape(1, -1, 1, 1)
+        y = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation,
+                           bias=None if self.bias is None else self.bias.data)
         # Keep the input, not its columns: backward unfolds it again, band by
         # band (one im2col more, but no columns held per layer).
         self._cache = (x, y.shape)

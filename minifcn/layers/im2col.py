@@ -159,7 +159,7 @@ class Unfolding:
         row_bytes = self.x_shape[0] * self.rows * ow * itemsize
         budget = BAND_BYTES.get(xp.__name__, 0)
         if self.pointwise or channels > BAND_CHANNELS or budget <= 0:
-            step = oh
+            step = max(1, oh)
         else:
             copies = (self.kernel[0] // self.stride[0]) * (self.kernel[1] // self.stride[1]) if self.blocked \
                 else self.kernel[0] * self.kernel[1]
