@@ -1,0 +1,91 @@
+"""Before/after: one training step of the default ``minifcn train`` recipe, at an
+older commit and in the working tree, interleaved round by round in one process.
+
+The older package is extracted with ``git archive`` into a temporary folder
+and imported as ``minifcn_before`` (the package uses relative imports only),
+so both versions see the same machine state in every round: on a shared,
+noisy machine only such paired ratios mean anything.
+
+    python benchmarks/bench_before_after.py --before a0c57c3 --rounds 40
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def extract(revision: str, folder: str) -> None:
+    """Write the ``minifcn`` package of ``revision`` to ``folder/minifcn_before``."""
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", revision, "minifcn"],
+                             check=True, capture_output=True).stdout
+    tar_path = os.path.join(folder, "before.tar")
+    with open(tar_path, "wb") as f:
+        f.write(archive)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(folder, filter="data")
+    os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
+
+
+def training_step(package: str, batches: int = 8):
+    """A closure running one step of the default recipe (model, loss, SGD) of ``package``."""
+    train = importlib.import_module(package + ".train")
+    optim = importlib.import_module(package + ".optim")
+    cfg = train.TrainConfig()
+    train_set, _ = train.make_datasets(cfg)
+    model = train.build_from_config(cfg, train_set.num_classes)
+    if hasattr(type(model), "input_grad"):  # as `minifcn train` does, where the version has it
+        model.input_grad = False
+    opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = train.make_loss(model, cfg.reduction)
+    loader = train.DataLoader(train_set, cfg.batch_size, shuffle=True, seed=0, crop_size=cfg.crop_size,
+                              flip=cfg.flip, drop_last=True, mean=train.IMAGENET_MEAN_RGB, bgr=cfg.bgr,
+                              scale=cfg.input_scale)
+    data = [b for _, b in zip(range(batches), loader.epoch(0))]
+
+    def step(i):
+        images, labels = data[i % len(data)]
+        model.zero_grad()
+        loss_fn(model(images), labels)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    return step
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", default="HEAD", help="git revision to compare the working tree with")
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        extract(args.before, folder)
+        sys.path.insert(0, folder)
+        steps = {"before": training_step("minifcn_before"), "after": training_step("minifcn")}
+        for step in steps.values():  # warm-up: buffers, caches
+            for i in range(3):
+                step(i)
+        times = {name: [] for name in steps}
+        for r in range(args.rounds):
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step(r)
+                times[name].append(time.perf_counter() - t0)
+    before, after = (np.array(times[k]) for k in ("before", "after"))
+    print(f"training step of the default recipe, {args.rounds} interleaved rounds: "
+          f"before ({args.before}) {1e3 * np.median(before):.0f} ms, after (working tree) "
+          f"{1e3 * np.median(after):.0f} ms, median per-round ratio {np.median(after / before):.2f}")
+
+
+if __name__ == "__main__":
+    main()
