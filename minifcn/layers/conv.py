@@ -4,7 +4,8 @@ A convolution with weight ``W`` of shape (out, in, kh, kw) is a linear map
 ``y = C x`` (plus bias). Everything both layers need is:
 
 * :func:`conv2d_forward`      ``y  = C x``        (im2col, then one product)
-* :func:`conv2d_input_grad`   ``dx = C^T dy``     (one product, then col2im)
+* :func:`conv2d_input_grad`   ``dx = C^T dy``     (one product, then col2im; or, at
+  stride 1 or when the stride divides the kernel, a convolution that computes the same map)
 * :func:`conv2d_weight_grad`  ``dW = dy . cols^T``
 
 each run band by band over the output rows (see :mod:`minifcn.layers.im2col`).
