@@ -338,3 +338,32 @@ def test_batch_gradient_is_the_sum_of_per_image_gradients(name):
     np.testing.assert_allclose(dx, np.concatenate([dx0, dx1]), rtol=1e-10, atol=1e-12)
     for n in both:
         np.testing.assert_allclose(both[n], first[n] + second[n], rtol=1e-9, atol=1e-12, err_msg=n)
+
+
+@pytest.mark.parametrize("name", ["fcn8s", "encoder-decoder"])
+def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name):
+    """Training sets model.input_grad = False: the first convolution skips its input
+    gradient, and every parameter gradient is unchanged."""
+    if name == "encoder-decoder":
+        model = EncoderDecoder(num_classes=3, base_width=2, dtype=np.float64, seed=0)
+        x = np.random.default_rng(5).standard_normal((2, 3, 16, 16))
+    else:
+        model = small_model(name, 4)
+        x = small_input(name, 5)
+    model.eval()
+    g = np.random.default_rng(7).standard_normal(model(x).shape)
+
+    def grads():
+        model.zero_grad()
+        model(x)
+        dx = model.backward(g)
+        return dx, {n: p.grad.copy() for n, p in model.named_parameters() if p.trainable}
+
+    assert model.input_grad is True
+    dx, with_dx = grads()
+    assert dx.shape == x.shape
+    model.input_grad = False
+    none, without = grads()
+    assert none is None
+    for n in with_dx:
+        np.testing.assert_array_equal(with_dx[n], without[n], err_msg=n)
