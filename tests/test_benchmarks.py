@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/: bench_layers.py --quick runs and prints its table;
+"""Smoke tests of benchmarks/: bench_layers.py --quick and bench_fcn.py's small case run and print their tables;
 the helpers in benchmarks/common.py count FLOPs, time and print as documented."""
 import importlib.util
 import os
@@ -39,6 +39,16 @@ def test_bench_layers_quick_without_torch():
     proc = _run("--quick", "--no-torch")
     assert proc.returncode == 0, proc.stderr
     _check_table(proc.stdout, with_torch=False)
+
+
+def test_bench_fcn_small_case_prints_every_row():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_fcn.py"), "--cases", "small", "--rounds", "1",
+                           "--no-torch"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("small (")]
+    assert [r[4] for r in rows] == ["forward", "forward+backward", "step", "sgd"]
+    for r in rows[:3]:  # minifcn ms, then "-" where PyTorch would be, then the ms per GFLOP at the end
+        assert float(r[5]) > 0 and r[6] == "-" and float(r[-1]) > 0
 
 
 @pytest.mark.slow  # 10 s on a quiet 2-core machine, 15 to 27 s on a contended one (PyTorch's two-thread ops stall)
