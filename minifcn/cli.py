@@ -38,6 +38,8 @@ def _add_train(sub):
     p.add_argument("--crop-size", type=int, default=None, help="random crops of this side (needed for batches of VOC)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--input-scale", type=float, default=d.input_scale, help="multiplier after mean subtraction")
+    p.add_argument("--class-weight", choices=("none", "balanced", "sqrt-balanced"), default=d.class_weight,
+                   help="loss weight per class from the training set's pixel counts (median-frequency balancing)")
     p.add_argument("--bgr", action="store_true", help="feed BGR (Caffe-converted weights)")
     p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
@@ -56,7 +58,8 @@ def cmd_train(args):
                       weight_decay=args.weight_decay, reduction=args.reduction, schedule=args.schedule,
                       learn_upsampling=args.learn_upsampling, dropout=args.dropout, image_size=args.image_size,
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
-                      flip=not args.no_flip, input_scale=args.input_scale, bgr=args.bgr,
+                      flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
+                      bgr=args.bgr,
                       vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
                       resume=args.resume, progress=not args.no_progress)
     start = time.perf_counter()

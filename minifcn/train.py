@@ -69,6 +69,7 @@ class TrainConfig:
     crop_size: int | None = None
     flip: bool = True
     input_scale: float = 0.017     # after mean subtraction; about 1/std of natural images (use 1.0 for Caffe VGG weights)
+    class_weight: str = "none"     # loss weight per class: none, balanced or sqrt-balanced (see class_weights)
     bgr: bool = False
     vgg_weights: str | None = None
     device: str = "cpu"
@@ -93,10 +94,36 @@ def make_datasets(cfg: TrainConfig):
     return (get_dataset(cfg.dataset, cfg.data_dir, split="train"), get_dataset(cfg.dataset, cfg.data_dir, split="val"))
 
 
-def make_loss(model, reduction: str):
+CLASS_WEIGHTS = ("none", "balanced", "sqrt-balanced")
+
+
+def class_weights(pixel_counts, mode: str):
+    """Per-class loss weights from the training set's pixel counts, or None for ``mode='none'``.
+
+    ``balanced`` is median-frequency balancing (Eigen and Fergus, ICCV 2015):
+    ``w_c = median(f) / f_c`` with ``f_c`` the share of class c among labelled
+    pixels, so a rare class counts as much as a median one. ``sqrt-balanced``
+    takes its square root, a milder push away from the dominant background.
+    A class with no pixels gets weight 0 (it cannot be learned from this data).
+    """
+    if mode not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got {mode!r}")
+    if mode == "none":
+        return None
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_weight: the training set has no labelled pixels")
+    freq = counts / counts.sum()
+    weights = np.zeros_like(freq)
+    weights[present] = np.median(freq[present]) / freq[present]
+    return np.sqrt(weights) if mode == "sqrt-balanced" else weights
+
+
+def make_loss(model, reduction: str, class_weight=None):
     if getattr(model, "num_classes", None) == 1:
         return SigmoidBinaryCrossEntropy(reduction=reduction)
-    return SoftmaxCrossEntropy(ignore_index=255, reduction=reduction)
+    return SoftmaxCrossEntropy(ignore_index=255, reduction=reduction, class_weight=class_weight)
 
 
 def predict_labels(model, images):
@@ -189,8 +216,11 @@ def train(cfg: TrainConfig, log=print):
     device = check_device(cfg.device)
     train_set, val_set = make_datasets(cfg)
     num_classes = train_set.num_classes
-    for ds in (train_set, val_set):  # every file checked before the first step
-        validate_dataset(ds, num_classes)
+    pixel_counts = validate_dataset(train_set, num_classes)  # every file checked before the first step
+    validate_dataset(val_set, num_classes)
+    weights = class_weights(pixel_counts, cfg.class_weight)
+    if weights is not None:
+        log("class weights (" + cfg.class_weight + "): " + ", ".join(f"{w:.3f}" for w in weights))
     class_names = list(getattr(train_set, "class_names", [str(i) for i in range(num_classes)]))
     model = build_from_config(cfg, num_classes)
     if cfg.vgg_weights:
@@ -198,7 +228,7 @@ def train(cfg: TrainConfig, log=print):
     model.to(device)
     model.input_grad = False  # the images need no gradient: conv1_1 skips its largest product
     optimizer = SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss(model, cfg.reduction)
+    loss_fn = make_loss(model, cfg.reduction, weights)
     loader_kw = dict(mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, crop_size=cfg.crop_size,
                               flip=cfg.flip, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)

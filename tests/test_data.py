@@ -100,7 +100,11 @@ def test_shapes_bad_arguments():
 
 
 def test_validate_shapes_and_label_range():
-    validate_dataset(ShapesDataset(num_images=20), 6)
+    data = ShapesDataset(num_images=20)
+    counts = validate_dataset(data, 6)  # returns the pixel count of every class
+    want = sum(np.bincount(data[i][1].ravel(), minlength=6) for i in range(20))
+    np.testing.assert_array_equal(counts, want)
+    assert counts.sum() == 20 * data.image_size[0] * data.image_size[1] and (counts > 0).all()
     with pytest.raises(DatasetError, match=r"ShapesDataset\[\d+\].*label value [345] >= num_classes=3"):
         validate_dataset(ShapesDataset(num_images=20), 3)
     with pytest.raises(DatasetError, match="empty"):

@@ -305,3 +305,27 @@ def test_train_image_without_mask(tmp_path, no_steps):
     os.remove(masks / "img1.png")
     with pytest.raises(DatasetError, match=r"img1\.png"):
         train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+
+
+def test_class_weights_by_hand():
+    """Pixel counts 70 / 10 / 20 / 0: shares .7 / .1 / .2, median of the present ones .2."""
+    counts = [70, 10, 20, 0]
+    assert train_module.class_weights(counts, "none") is None
+    np.testing.assert_allclose(train_module.class_weights(counts, "balanced"), [0.2 / 0.7, 2.0, 1.0, 0.0])
+    np.testing.assert_allclose(train_module.class_weights(counts, "sqrt-balanced"),
+                               np.sqrt([0.2 / 0.7, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="'inverse'"):
+        train_module.class_weights(counts, "inverse")
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        train_module.class_weights([0, 0], "balanced")
+
+
+def test_training_with_class_weights_logs_them_and_learns(tmp_path):
+    lines = []
+    cfg = TrainConfig(out=str(tmp_path / "cw"), width=0.0625, epochs=1, train_images=8, val_images=4,
+                      image_size=32, class_weight="sqrt-balanced", progress=False)
+    history = train(cfg, log=lines.append)
+    assert any(line.startswith("class weights (sqrt-balanced): ") for line in lines)
+    weights = [float(w) for w in next(l for l in lines if l.startswith("class weights")).split(": ")[1].split(", ")]
+    assert len(weights) == 6 and weights[0] < 1 < max(weights)  # background, the most frequent class, weighs least
+    assert math.isfinite(history[-1]["train_loss"])

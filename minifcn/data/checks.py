@@ -104,23 +104,27 @@ def sample_name(dataset, i: int) -> str:
     return f"{type(dataset).__name__}[{i}]"
 
 
-def validate_dataset(dataset, num_classes: int) -> None:
+def validate_dataset(dataset, num_classes: int):
     """Check every sample of ``dataset`` before training starts.
 
     Reads each sample (``dataset[i] -> (image uint8 (H, W, 3), label uint8 (H, W))``)
     and collects: unreadable or corrupt images and masks, images without masks,
     masks without images (``dataset.orphan_masks``), mask/image size mismatches,
     and labels >= ``num_classes`` other than 255. Raises one DatasetError listing
-    the problems (each naming its file and value); returns None if all is well.
+    the problems (each naming its file and value). If all is well, returns the
+    number of pixels of each class, (num_classes,) int64 (255 not counted),
+    read on the way (for class-balanced loss weights).
     """
     n = len(dataset)
     if n == 0:
         raise DatasetError(f"dataset {type(dataset).__name__} is empty: no samples to train on")
     problems = [f"mask without image: {p}" for p in getattr(dataset, "orphan_masks", [])]
+    counts = np.zeros(num_classes, dtype=np.int64)
     for i in range(n):
         try:
             image, label = dataset[i]
             check_sample(image, label, sample_name(dataset, i), num_classes)
+            counts += np.bincount(label.ravel(), minlength=max(256, num_classes))[:num_classes]
         except DatasetError as e:
             problems.append(str(e))
     if problems:
@@ -128,3 +132,4 @@ def validate_dataset(dataset, num_classes: int) -> None:
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise DatasetError(f"{len(problems)} problem(s) in dataset {type(dataset).__name__} "
                            f"({n} samples):\n  {listed}{more}")
+    return counts
