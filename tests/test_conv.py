@@ -313,6 +313,21 @@ def test_bands_tile_the_output_rows():
     assert list(u.bands(np, 4, 65)) == [(0, 50)]  # many output channels: one product
 
 
+def test_weight_grad_accumulates_into_the_given_array_and_rejects_a_bad_one(rng):
+    from minifcn.layers import conv2d_weight_grad
+
+    x, dy = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 4, 6, 5))
+    geometry = ((1, 1), (1, 1), (1, 1))
+    fresh = conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry)
+    grad = np.ones((4, 3, 3, 3))
+    assert conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry, accumulate=grad) is grad
+    np.testing.assert_allclose(grad, fresh + 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"got shape \(3, 4, 3, 3\) \(C-contiguous: True\)"):
+        conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry, accumulate=np.zeros((3, 4, 3, 3)))
+    with pytest.raises(ValueError, match=r"got shape \(4, 3, 3, 3\) \(C-contiguous: False\)"):
+        conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry, accumulate=np.zeros((3, 4, 3, 3)).transpose(1, 0, 2, 3))
+
+
 def test_input_grad_off_skips_dx_and_keeps_parameter_gradients(rng):
     layer, shape = make_conv("k3-s1-p1-d1-n2-c3to4-7x6")
     x, dy = rng.standard_normal(shape), rng.standard_normal(layer.output_shape(shape))

@@ -320,7 +320,10 @@ def test_class_weights_by_hand():
         train_module.class_weights([0, 0], "balanced")
 
 
-def test_training_with_class_weights_logs_them_and_learns(tmp_path):
+def test_training_with_class_weights_logs_them_and_learns(tmp_path, monkeypatch):
+    losses = []
+    make_loss = train_module.make_loss
+    monkeypatch.setattr(train_module, "make_loss", lambda *a: losses.append(make_loss(*a)) or losses[-1])
     lines = []
     cfg = TrainConfig(out=str(tmp_path / "cw"), width=0.0625, epochs=1, train_images=8, val_images=4,
                       image_size=32, class_weight="sqrt-balanced", progress=False)
@@ -328,4 +331,5 @@ def test_training_with_class_weights_logs_them_and_learns(tmp_path):
     assert any(line.startswith("class weights (sqrt-balanced): ") for line in lines)
     weights = [float(w) for w in next(l for l in lines if l.startswith("class weights")).split(": ")[1].split(", ")]
     assert len(weights) == 6 and weights[0] < 1 < max(weights)  # background, the most frequent class, weighs least
+    np.testing.assert_allclose(losses[0].class_weight, weights, atol=1e-3)  # and the loss uses them
     assert math.isfinite(history[-1]["train_loss"])

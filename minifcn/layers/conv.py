@@ -172,7 +172,8 @@ def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulat
         accumulate = xp.zeros(weight_shape, dtype=dy.dtype)
     elif tuple(accumulate.shape) != tuple(weight_shape) or not accumulate.flags.c_contiguous:
         raise ValueError(f"conv2d_weight_grad: accumulate must be a contiguous array of shape "
-                         f"{tuple(weight_shape)}, got shape {tuple(accumulate.shape)}")
+                         f"{tuple(weight_shape)}, got shape {tuple(accumulate.shape)} "
+                         f"(C-contiguous: {bool(accumulate.flags.c_contiguous)})")
     dw = accumulate.reshape(cout, u.rows)  # a view, so the += below lands in accumulate
     xpad = u.pad(x)
     for r0, r1 in u.bands(xp, x.itemsize, cout):
