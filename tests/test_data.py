@@ -90,11 +90,33 @@ def test_shapes_dtypes_shapes_and_classes():
     assert seen.all(), f"classes never drawn: {np.flatnonzero(~seen)}"
 
 
+def test_shapes_cache_returns_the_same_read_only_samples():
+    cached, fresh = ShapesDataset(num_images=4, image_size=32), ShapesDataset(num_images=4, image_size=32, cache_bytes=0)
+    first = cached[2]
+    assert cached[2][0] is first[0] and cached[-2][1] is first[1]  # rendered once
+    np.testing.assert_array_equal(first[0], fresh[2][0])
+    np.testing.assert_array_equal(first[1], fresh[2][1])
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0, 0, 0] = 1  # a consumer that wrote into a cached sample would corrupt every later epoch
+    assert fresh[2][0] is not fresh[2][0] and fresh[2][0].flags.writeable
+
+
+def test_shapes_cache_stays_within_its_budget():
+    per_sample = 32 * 32 * 4  # image (32, 32, 3) and label (32, 32), uint8
+    ds = ShapesDataset(num_images=10, image_size=32, cache_bytes=3 * per_sample + 5)
+    for i in range(10):
+        ds[i]
+    assert ds[2][0] is ds[2][0] and ds[3][0] is not ds[3][0]  # the first three fit, the rest are rendered again
+    assert ds._cached_bytes == 3 * per_sample
+
+
 def test_shapes_bad_arguments():
     with pytest.raises(ValueError, match="split"):
         ShapesDataset("test")
     with pytest.raises(ValueError, match="image_size"):
         ShapesDataset(image_size=8)
+    with pytest.raises(ValueError, match="cache_bytes"):
+        ShapesDataset(cache_bytes=-1)
     with pytest.raises(IndexError):
         ShapesDataset(num_images=3)[3]
 
