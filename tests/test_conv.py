@@ -60,9 +60,11 @@ CONV_CASES = [
     "k5-s4-p3-d3-n1-c1to1-9x10-nobias",
     "k3-s2-p1-d1-n1-c1to2-1x2",
     "k1-s4-p0-d1-n1-c1to1-1x1",
-    # the stride divides the kernel: the input gradient is a sub-pixel convolution
+    # the stride divides the kernel: the input gradient is a sub-pixel convolution, and the
+    # forward runs on s x s blocks when Cout < Cin*s*s (else by columns: the last case)
     "k16-s8-p4-d1-n2-c3to2-20x18",
     "k4x6-s2x3-p1x2-d1-n1-c2to3-9x11",
+    "k2-s2-p1-d1-n2-c1to5-5x6",
 ]
 
 TRANSPOSE_CASES = [
@@ -175,6 +177,10 @@ def test_sweeps_are_big_enough_and_cover_the_ranges():
         assert {c["bias"] for c in cfgs} == {True, False}
         assert any(h != w and h % 2 == 1 for c in cfgs for h, w in [c["hw"]])
         assert any(h != w and h % 2 == 0 for c in cfgs for h, w in [c["hw"]])
+    # both forward routes of a stride that divides the kernel: by blocks (Cout < Cin*s*s) and by columns
+    divides = [c for c in map(parse, CONV_CASES) if c["dilation"] == (1, 1) and min(c["stride"]) > 1
+               and all(k % s == 0 for k, s in zip(c["kernel_size"], c["stride"]))]
+    assert {c["cout"] < c["cin"] * c["stride"][0] * c["stride"][1] for c in divides} == {True, False}
     ops = {o for c in TRANSPOSE_CASES for o in parse(c)["output_padding"]}
     assert ops >= {0, 1, 2, 3}
     # output_padding >= stride is legal when it is below the dilation: covered.
