@@ -7,6 +7,10 @@ so both versions see the same machine state in every round: on a shared,
 noisy machine only such paired ratios mean anything.
 
     python benchmarks/bench_before_after.py --before a0c57c3 --rounds 40
+    python benchmarks/bench_before_after.py --before 3a61c02 --batch-size 8 --image-size 64
+
+Both sides use the working tree's defaults for the batch size and image size
+unless given (an older default would otherwise change the work, not the code).
 """
 from __future__ import annotations
 
@@ -37,11 +41,11 @@ def extract(revision: str, folder: str) -> None:
     os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
 
 
-def training_step(package: str, batches: int = 8):
+def training_step(package: str, batch_size: int, image_size: int, batches: int = 8):
     """A closure running one step of the default recipe (model, loss, SGD) of ``package``."""
     train = importlib.import_module(package + ".train")
     optim = importlib.import_module(package + ".optim")
-    cfg = train.TrainConfig()
+    cfg = train.TrainConfig(batch_size=batch_size, image_size=image_size)
     train_set, _ = train.make_datasets(cfg)
     model = train.build_from_config(cfg, train_set.num_classes)
     if hasattr(type(model), "input_grad"):  # as `minifcn train` does, where the version has it
@@ -67,11 +71,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", default="HEAD", help="git revision to compare the working tree with")
     p.add_argument("--rounds", type=int, default=30)
+    defaults = importlib.import_module("minifcn.train").TrainConfig()
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         extract(args.before, folder)
         sys.path.insert(0, folder)
-        steps = {"before": training_step("minifcn_before"), "after": training_step("minifcn")}
+        steps = {name: training_step(package, args.batch_size, args.image_size)
+                 for name, package in (("before", "minifcn_before"), ("after", "minifcn"))}
         for step in steps.values():  # warm-up: buffers, caches
             for i in range(3):
                 step(i)
@@ -82,7 +90,8 @@ def main(argv=None):
                 step(r)
                 times[name].append(time.perf_counter() - t0)
     before, after = (np.array(times[k]) for k in ("before", "after"))
-    print(f"training step of the default recipe, {args.rounds} interleaved rounds: "
+    print(f"training step of the default recipe (batch {args.batch_size} x {args.image_size}^2), "
+          f"{args.rounds} interleaved rounds: "
           f"before ({args.before}) {1e3 * np.median(before):.0f} ms, after (working tree) "
           f"{1e3 * np.median(after):.0f} ms, median per-round ratio {np.median(after / before):.2f}")
 

@@ -43,7 +43,7 @@ class TrainConfig:
 
     The defaults train a small FCN-8s (width 0.125, 2.1 M parameters) from
     scratch on the built-in ``shapes`` dataset in under ten minutes on a
-    2-core CPU: 128 x 128 images, batch 2, per-pixel mean loss with lr 0.01,
+    2-core CPU: 128 x 128 images, batch 1, per-pixel mean loss with lr 0.01,
     learned 2x upsampling (the CVPR recipe), no dropout (a small model trained
     from scratch for minutes learns faster without it; the model's own default
     stays the reference's 0.5).
@@ -54,8 +54,8 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
-    epochs: int = 7
-    batch_size: int = 2
+    epochs: int = 6
+    batch_size: int = 1            # twice the updates of batch 2 for the same work: 0.91 against 0.897 mean IU (README)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4

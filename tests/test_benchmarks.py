@@ -104,3 +104,15 @@ def test_machine_line_and_peak_rss():
     line = common.machine_line()
     assert "cores" in line and "NumPy" in line
     assert common.peak_rss_mb() > 0
+
+
+def test_bench_before_after_compares_a_commit_with_the_working_tree():
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_before_after.py"), "--before", "HEAD",
+                           "--rounds", "2", "--batch-size", "2", "--image-size", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "(batch 2 x 32^2), 2 interleaved rounds" in line and "before (HEAD)" in line, line
+    assert float(line.rsplit(" ", 1)[-1]) > 0
