@@ -8,6 +8,7 @@ round by round with minifcn, and the table shows both medians and the ratio.
     python benchmarks/bench_fcn.py                 # all cases, CPU
     python benchmarks/bench_fcn.py --cases 224 --rounds 3 --layers
     python benchmarks/bench_fcn.py --memory        # peak memory of a step, each framework in a child process
+    python benchmarks/bench_fcn.py --cases small --one-band-thread   # minifcn's band threads on and off
     python benchmarks/bench_fcn.py --device gpu    # CuPy vs PyTorch CUDA (TF32 off on both)
 
 A training step is forward, softmax cross-entropy (mean over pixels),
@@ -136,6 +137,21 @@ class TorchRunner:
         self.sync()
 
 
+def one_band_thread(fn):
+    """``fn`` run with minifcn's band threads off (MINIFCN_NUM_THREADS=1), the setting restored after."""
+    def run():
+        before = os.environ.get("MINIFCN_NUM_THREADS")
+        os.environ["MINIFCN_NUM_THREADS"] = "1"
+        try:
+            fn()
+        finally:
+            if before is None:
+                del os.environ["MINIFCN_NUM_THREADS"]
+            else:
+                os.environ["MINIFCN_NUM_THREADS"] = before
+    return run
+
+
 def layer_profile(runner, what="step", repeats=2):
     """Seconds per layer (forward and backward) of minifcn, by wrapping each leaf layer."""
     totals = defaultdict(float)
@@ -239,6 +255,8 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--layers", action="store_true", help="per-layer breakdown of minifcn's training step")
     p.add_argument("--memory", action="store_true", help="peak memory of each framework (child processes)")
+    p.add_argument("--one-band-thread", action="store_true",
+                   help="also time minifcn with MINIFCN_NUM_THREADS=1, interleaved, and print the ratio")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -258,7 +276,7 @@ def main(argv=None):
         print(f"float32 matrix-product ceiling (2048^3 sgemm): {ceiling['median_gflops']:.0f} GFLOP/s (median)")
     else:
         ceiling = None
-    rows, per_gflop = [], {}
+    rows, per_gflop, thread_rows = [], {}, []
     for case in cases:
         width, batch, side = CASES[case]
         mine = MinifcnRunner(width, batch, side, args.device)
@@ -267,9 +285,15 @@ def main(argv=None):
         theirs = TorchRunner(torch, mine, args.device) if torch is not None else None
         for what in ("forward", "forward_backward", "step", "sgd"):
             candidates[f"minifcn {what}"] = getattr(mine, what)
+            if args.one_band_thread and what != "sgd":
+                candidates[f"minifcn-1 {what}"] = one_band_thread(getattr(mine, what))
             if theirs is not None:
                 candidates[f"torch {what}"] = getattr(theirs, what)
         results = interleaved(candidates, rounds=args.rounds, warmup=1)
+        if args.one_band_thread:
+            for what in ("forward", "forward_backward", "step"):
+                m, one = results[f"minifcn {what}"].median, results[f"minifcn-1 {what}"].median
+                thread_rows.append((case, what.replace("_", "+"), 1e3 * m, 1e3 * one, m / one))
         for what, factor in (("forward", 1), ("forward_backward", 3), ("step", 3), ("sgd", 0)):
             m = results[f"minifcn {what}"].median
             t = results[f"torch {what}"].median if theirs is not None else None
@@ -288,6 +312,10 @@ def main(argv=None):
     print()
     print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio", "minifcn GFLOP/s", "of ceiling",
                  "ms per GFLOP"), rows, (None, None, ".0f", ".0f", ".2f", ".0f", None, ".2f"))
+    if thread_rows:
+        print("\nminifcn with its band threads against MINIFCN_NUM_THREADS=1 (same run, interleaved):")
+        print_table(("case", "what", "threads ms", "one thread ms", "ratio"), thread_rows,
+                    (None, None, ".0f", ".0f", ".2f"))
     full_width = {c: v for c, v in per_gflop.items() if c in ("224", "320", "500")}
     if len(full_width) > 1:  # cost growth: time per forward GFLOP (counted from the real layer shapes)
         spread = max(full_width.values()) / min(full_width.values()) - 1

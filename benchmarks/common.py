@@ -174,6 +174,16 @@ def import_torch(threads: int | None = None):
     return _torch
 
 
+def band_threads() -> str:
+    """minifcn's band workers (minifcn.parallel), or why there is only one."""
+    from minifcn import parallel  # noqa: PLC0415
+
+    if parallel._blas_controller() is None:
+        return "1 (threadpoolctl missing or no BLAS it can limit)"
+    count = parallel.num_threads()
+    return f"{count} (batches of 2 or more images)" if count > 1 else "1"
+
+
 def machine_info(torch=None) -> dict:
     blas = blas_info()
     flags = cpu_flags()
@@ -190,6 +200,7 @@ def machine_info(torch=None) -> dict:
         "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "torch": None,
         "torch_threads": None,
+        "band_threads": band_threads(),
     }
     if torch is not None:
         info["torch"] = torch.__version__
@@ -204,6 +215,7 @@ def machine_line(torch=None) -> str:
     simd = f" ({i['simd']})" if i["simd"] else ""
     line = (f"{i['cpu']}, {i['cores']} cores{simd}{mem}; Python {i['python']}, NumPy {i['numpy']} "
             f"with {i['blas']} (threads: {i['blas_threads']})")
+    line += f"; minifcn band threads: {i['band_threads']}"
     if i["torch"]:
         line += f"; PyTorch {i['torch']} (threads: {i['torch_threads']})"
     else:

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 
+from minifcn import parallel
 from minifcn import reference as ref
 from minifcn.backend import to_numpy
 from minifcn.gradcheck import check_layer
@@ -284,10 +285,21 @@ def _forward_backward(layer, x, dy):
 
 @pytest.mark.parametrize("case", BAND_CASES)
 @pytest.mark.parametrize("which", ["conv", "transpose"])
-def test_one_row_bands_give_the_same_results(case, which, rng, monkeypatch):
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_one_row_bands_give_the_same_results(case, which, threads, rng, monkeypatch):
     """Every layer output and gradient is identical whether a band holds the
-    whole image or a single output row (the band loop must cover each row once)."""
+    whole image or a single output row (the band loop must cover each row once),
+    with the bands run in one thread or shared by three (minifcn.parallel)."""
     im2col_module = importlib.import_module("minifcn.layers.im2col")  # the module, not the function
+    conv_module = importlib.import_module("minifcn.layers.conv")
+    workers_seen = []
+
+    def spy(bands, work, workers):
+        workers_seen.append(workers)
+        return parallel.run_bands(bands, work, workers)
+
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", threads)
+    monkeypatch.setattr(conv_module, "run_bands", spy)
 
     if which == "conv":
         layer, shape = make_conv(case)
@@ -306,6 +318,8 @@ def test_one_row_bands_give_the_same_results(case, which, rng, monkeypatch):
     rows = _forward_backward(layer, x, dy)
     for a, b in zip(whole, rows):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    threaded = threads != "1" and x.shape[0] > 1 and parallel._blas_controller() is not None
+    assert (max(workers_seen) > 1) == threaded, workers_seen
 
 
 def test_bands_tile_the_output_rows():

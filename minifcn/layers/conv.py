@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..module import Module, Parameter
+from ..parallel import run_bands, workers_for
 from ._checks import check_grad, check_nchw, need_forward, pair
 from .im2col import Unfolding, conv_output_size, conv_transpose_output_size, workspace
 
@@ -53,13 +54,17 @@ def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None, bias=None)
     y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
     y3 = y.reshape(n, cout, oh * ow)
     xpad = u.pad(x)
-    for r0, r1 in u.bands(xp, x.itemsize, cout):
-        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+
+    def one_band(worker, r0, r1):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1), _per_worker("columns", worker)))
         # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, band) -> output rows r0..r1 of every image, in place
         band = y3[:, :, r0 * ow:r1 * ow]
         xp.matmul(w2, cols, out=band)
         if bias is not None:
             band += bias.reshape(cout, 1)
+
+    bands = list(u.bands(xp, x.itemsize, cout))
+    run_bands(bands, one_band, workers_for(xp, len(bands), n))
     return y
 
 
@@ -220,13 +225,27 @@ def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulat
                          f"(C-contiguous: {bool(accumulate.flags.c_contiguous)})")
     dw = accumulate.reshape(cout, u.rows)  # a view, so the += below lands in accumulate
     xpad = u.pad(x)
-    for r0, r1 in u.bands(xp, x.itemsize, cout):
-        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
-        _add_products(dw, dy3[:, :, r0 * ow:r1 * ow], cols)
+    bands = list(u.bands(xp, x.itemsize, cout))
+    workers = workers_for(xp, len(bands), n)
+    # one sum per worker (worker 0 adds straight into dw), added up in worker order
+    partial = [dw] + [xp.zeros_like(dw) for _ in range(workers - 1)]
+
+    def one_band(worker, r0, r1):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1), _per_worker("columns", worker)))
+        _add_products(partial[worker], dy3[:, :, r0 * ow:r1 * ow], cols, _per_worker("products", worker))
+
+    run_bands(bands, one_band, workers)
+    for extra in partial[1:]:
+        dw += extra
     return accumulate
 
 
-def _add_products(dw, dy3, cols):
+def _per_worker(name, worker):
+    """The name of a worker's scratch buffer; worker 0 (or the only one) shares the serial code's."""
+    return name if worker == 0 else f"{name}{worker}"
+
+
+def _add_products(dw, dy3, cols, scratch="products"):
     """dw (Cout, K) += sum_n dy3[n] @ cols[n]^T, for dy3 (N, Cout, L) and cols (N, K, L)."""
     xp = get_array_module(dw)
     n, cout, length = dy3.shape
@@ -241,7 +260,7 @@ def _add_products(dw, dy3, cols):
     # into a reused buffer the size of the weight, then one add.
     dy2 = dy3.transpose(1, 0, 2).reshape(cout, n * length)
     cols2 = cols.transpose(1, 0, 2).reshape(k, n * length)
-    dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))
+    dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, scratch))
 
 
 def _check_same_dtype(x, weight, layer):

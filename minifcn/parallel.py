@@ -1,0 +1,132 @@
+"""Bands on every CPU core: a small thread pool for the convolutions' band loops.
+
+A convolution with few channels runs band by band (:mod:`minifcn.layers.im2col`):
+unfold a few output rows of every image into columns that stay in cache,
+multiply, move on. Each band is one small product per image (16 x 144 by
+144 x 786 for the 16-channel 3x3 layers of the small benchmark model), and
+OpenBLAS shares such products between cores badly: on the 2-core benchmark
+machine a run of them went at 65 GFLOP/s on two BLAS threads, and at 83 to 94
+when two Python threads each ran half of them on one BLAS thread
+(``benchmarks/RESULTS.md``). So on the CPU the bands are handed out to threads,
+band ``b`` to worker ``b % workers``, while BLAS is held at one thread per call.
+NumPy releases the GIL inside its copies and matrix products, so the workers
+run at the same time; the calling thread is worker 0.
+
+* ``MINIFCN_NUM_THREADS`` sets the number of workers (default: the CPUs this
+  process may use); ``1`` turns them off.
+* Holding BLAS at one thread needs ``threadpoolctl`` (a dependency). Where it is
+  missing or finds no BLAS it can limit, the bands run one after the other:
+  threads on top of a multi-threaded BLAS would only compete. While a band
+  loop runs, the limit holds for the whole process.
+* CuPy arrays never come here: a GPU runs each convolution as one band.
+
+Outputs are the same for any number of workers. Weight gradients are summed
+per worker, then in worker order: they differ between worker counts by float
+rounding only, and not at all between runs with the same count.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+MIN_BANDS = 3  # fewer bands run in the calling thread
+
+_state = {"pool": None, "size": 0, "blas": None}
+_lock = threading.Lock()
+
+
+def num_threads() -> int:
+    """Band threads to use: ``MINIFCN_NUM_THREADS`` if set, else the CPUs available to this process."""
+    value = os.environ.get("MINIFCN_NUM_THREADS", "").strip()
+    if value:
+        try:
+            count = int(value)
+        except ValueError:
+            raise ValueError(f"MINIFCN_NUM_THREADS must be a positive integer, got {value!r}") from None
+        if count < 1:
+            raise ValueError(f"MINIFCN_NUM_THREADS must be a positive integer, got {value!r}")
+        return count
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries NumPy loaded, or None when it cannot limit any."""
+    if _state["blas"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+
+            blas = ThreadpoolController().select(user_api="blas")
+            _state["blas"] = blas if blas.lib_controllers else False
+        except Exception:  # not installed, or an unexpected library layout
+            _state["blas"] = False
+    return _state["blas"] or None
+
+
+def workers_for(xp, n_bands: int, images: int) -> int:
+    """How many threads share ``n_bands`` bands of a batch of ``images`` ``xp`` arrays: 1 (the caller runs them) or more.
+
+    Threads pay where a band is many small products: one per image of the
+    batch. With one image a band is a single product thousands of columns
+    wide, which BLAS already shares between cores well; and a convolution cut
+    into only two bands (a 17 x 17 map) is too little work to hand out.
+    Both were measured (``benchmarks/RESULTS.md``).
+    """
+    if xp.__name__ != "numpy" or images < 2 or n_bands < MIN_BANDS:
+        return 1
+    count = min(num_threads(), n_bands)
+    if count < 2 or _blas_controller() is None:
+        return 1
+    return count
+
+
+def _pool(size):
+    with _lock:
+        if _state["size"] < size:
+            if _state["pool"] is not None:
+                _state["pool"].shutdown(wait=False)
+            _state["pool"] = ThreadPoolExecutor(size, thread_name_prefix="minifcn-bands")
+            _state["size"] = size
+        return _state["pool"]
+
+
+def run_bands(bands, work, workers: int) -> None:
+    """Call ``work(worker, r0, r1)`` for every ``(r0, r1)`` in ``bands``.
+
+    Band ``b`` runs on worker ``b % workers`` (so each worker can keep its own
+    scratch buffers and partial sums, indexed by ``worker``). With one worker
+    the calls are made here, in order; with more, they run on the pool with
+    BLAS held at one thread, and the first exception is re-raised here.
+    """
+    bands = list(bands)
+    if workers <= 1:
+        for r0, r1 in bands:
+            work(0, r0, r1)
+        return
+
+    def run_share(worker):
+        for r0, r1 in bands[worker::workers]:
+            work(worker, r0, r1)
+
+    pool = _pool(workers - 1)
+    with _blas_controller().limit(limits=1):
+        futures = [pool.submit(run_share, worker) for worker in range(1, workers)]
+        try:
+            run_share(0)  # the calling thread is worker 0
+        finally:
+            for future in futures:  # all done before the BLAS limit is lifted
+                future.exception()
+    for future in futures:
+        future.result()
+
+
+def _forget_pool_after_fork():
+    # A forked child has the pool object but not its threads.
+    _state["pool"], _state["size"] = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
