@@ -26,11 +26,13 @@ rounding only, and not at all between runs with the same count.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-MIN_BANDS = 3  # fewer bands run in the calling thread
+MIN_BANDS = 3                # fewer bands run in the calling thread
+MIN_PIECE_BYTES = 1 << 20    # element-wise work on less than this runs in the calling thread
 
 _state = {"pool": None, "size": 0, "blas": None}
 _lock = threading.Lock()
@@ -88,9 +90,34 @@ def _pool(size):
         if _state["size"] < size:
             if _state["pool"] is not None:
                 _state["pool"].shutdown(wait=False)
-            _state["pool"] = ThreadPoolExecutor(size, thread_name_prefix="minifcn-bands")
+            _state["pool"] = ThreadPoolExecutor(size, thread_name_prefix="minifcn")
             _state["size"] = size
         return _state["pool"]
+
+
+def _run(items, call, workers, hold_blas):
+    """``call(worker, item)`` for every item, item ``i`` on worker ``i % workers``; the caller is worker 0."""
+    items = list(items)
+    if workers <= 1:
+        for item in items:
+            call(0, item)
+        return
+
+    def run_share(worker):
+        for item in items[worker::workers]:
+            call(worker, item)
+
+    pool = _pool(workers - 1)
+    blas = _blas_controller() if hold_blas else None
+    with blas.limit(limits=1) if blas is not None else contextlib.nullcontext():
+        futures = [pool.submit(run_share, worker) for worker in range(1, workers)]
+        try:
+            run_share(0)
+        finally:
+            for future in futures:  # all done before the BLAS limit is lifted
+                future.exception()
+    for future in futures:
+        future.result()
 
 
 def run_bands(bands, work, workers: int) -> None:
@@ -101,26 +128,34 @@ def run_bands(bands, work, workers: int) -> None:
     the calls are made here, in order; with more, they run on the pool with
     BLAS held at one thread, and the first exception is re-raised here.
     """
-    bands = list(bands)
-    if workers <= 1:
-        for r0, r1 in bands:
-            work(0, r0, r1)
-        return
+    _run(bands, lambda worker, band: work(worker, *band), workers, hold_blas=True)
 
-    def run_share(worker):
-        for r0, r1 in bands[worker::workers]:
-            work(worker, r0, r1)
 
-    pool = _pool(workers - 1)
-    with _blas_controller().limit(limits=1):
-        futures = [pool.submit(run_share, worker) for worker in range(1, workers)]
-        try:
-            run_share(0)  # the calling thread is worker 0
-        finally:
-            for future in futures:  # all done before the BLAS limit is lifted
-                future.exception()
-    for future in futures:
-        future.result()
+def pieces(xp, shape, nbytes: int) -> list:
+    """Indices that cut arrays of leading shape (N, C, ...) into one piece per worker.
+
+    The cut is along N, or along C when N is 1, so every piece is a view of
+    any array with those leading axes (an input, its output, a mask). Work on
+    fewer than ``MIN_PIECE_BYTES``, or on CuPy arrays, is one piece: ``[...]``.
+    """
+    whole = [(Ellipsis,)]
+    if xp.__name__ != "numpy" or nbytes < MIN_PIECE_BYTES or len(shape) == 0:
+        return whole
+    axis = 0 if shape[0] > 1 or len(shape) == 1 else 1
+    count = min(num_threads(), shape[axis])
+    if count < 2:
+        return whole
+    edges = [shape[axis] * k // count for k in range(count + 1)]
+    return [(slice(None),) * axis + (slice(a, b),) for a, b in zip(edges, edges[1:])]
+
+
+def run_pieces(indices, work) -> None:
+    """Call ``work(index)`` for every index from :func:`pieces`, each on its own worker.
+
+    For memory-bound element-wise layers (ReLU, max pooling): no BLAS is
+    involved, so its thread count is left alone.
+    """
+    _run(indices, lambda worker, index: work(index), len(indices), hold_blas=False)
 
 
 def _forget_pool_after_fork():

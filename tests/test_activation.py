@@ -31,6 +31,31 @@ def test_relu_matches_reference(shape, xp, rng, rel_err):
     assert rel_err(layer.backward(xp.asarray(dy)), ref.relu_backward(x, dy)) == 0.0
 
 
+@pytest.mark.parametrize("shape,contiguous", [((4, 2, 5, 3), True), ((1, 5, 4, 3), True), ((5, 3, 4, 2), False)],
+                         ids=["n4-cut-along-batch", "n1-cut-along-channels", "strided-input"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_relu_cut_into_pieces_per_thread_is_exact(shape, contiguous, inplace, rng, monkeypatch):
+    """ReLU on several threads (minifcn.parallel.pieces, forced on tiny arrays) equals the reference."""
+    import minifcn.layers.activation as activation
+    from minifcn import parallel
+
+    monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    counts = []
+    monkeypatch.setattr(activation, "run_pieces", lambda idx, work: (counts.append(len(idx)), parallel.run_pieces(idx, work)))
+    x = rng.standard_normal(shape)
+    if not contiguous:
+        x = x.transpose(0, 1, 3, 2)
+    x_before = x.copy()
+    dy = rng.standard_normal(x.shape)
+    layer = ReLU(inplace=inplace)
+    y = layer(x)
+    np.testing.assert_array_equal(y, ref.relu(x_before))
+    np.testing.assert_array_equal(layer.backward(dy), ref.relu_backward(x_before, dy))
+    assert (y is x) == inplace
+    assert counts == [3, 3]
+
+
 def test_relu_gradient_at_zero_is_zero_and_inplace():
     x = np.array([[[[-1.0, 0.0, 2.0]]]])
     layer = ReLU()

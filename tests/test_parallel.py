@@ -99,3 +99,28 @@ def test_without_a_blas_limit_bands_run_in_one_thread(monkeypatch):
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "4")
     monkeypatch.setitem(parallel._state, "blas", False)
     assert parallel.workers_for(np, 40, 8) == 1
+
+
+@pytest.mark.parametrize("shape,axis", [((7, 3, 4, 4), 0), ((1, 5, 4, 4), 1), ((2, 9, 3, 3), 0), ((10,), 0)])
+def test_pieces_cut_the_batch_or_the_channels_into_views_that_tile(shape, axis, monkeypatch):
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
+    a = np.zeros(shape)
+    idx = parallel.pieces(np, shape, a.nbytes)
+    assert len(idx) == min(3, shape[axis])
+    for i in idx:
+        assert np.shares_memory(a[i], a)
+        a[i] += 1
+    np.testing.assert_array_equal(a, 1)  # every element in exactly one piece
+    sizes = [a[i].shape[axis] for i in idx]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_small_or_gpu_work_is_one_piece(monkeypatch):
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "4")
+    assert parallel.pieces(np, (8, 8, 100, 100), parallel.MIN_PIECE_BYTES - 1) == [(Ellipsis,)]
+    assert parallel.pieces(types.SimpleNamespace(__name__="cupy"), (8, 8, 100, 100), 1 << 30) == [(Ellipsis,)]
+    assert parallel.pieces(np, (1, 1, 500, 500), 1 << 30) == [(Ellipsis,)]  # nothing to cut along
+    assert len(parallel.pieces(np, (8, 8, 100, 100), 1 << 30)) == 4
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "1")
+    assert parallel.pieces(np, (8, 8, 100, 100), 1 << 30) == [(Ellipsis,)]

@@ -138,6 +138,28 @@ def test_maxpool_reference_with_many_ties(case, xp, rng):
     np.testing.assert_allclose(dx, ref.max_pool2d_backward(x, dy, **refkw(cfg)), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["k2-s2-p0-d1-n4-c2-6x8-ceil", "k2-s2-p0-d1-n1-c5-7x5-ceil", "k3-s2-p1-d1-n3-c2-7x6",
+                                  "k2-s2-p1-d1-n3-c1-5x6"])
+def test_maxpool_cut_into_pieces_per_thread_matches_reference(case, rng, monkeypatch):
+    """Pooling on several threads (minifcn.parallel.pieces, forced on tiny arrays: along the
+    batch, or the channels when N = 1), ties included, equals the reference."""
+    import minifcn.layers.pool as pool_module
+    from minifcn import parallel
+
+    monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    counts = []
+    monkeypatch.setattr(pool_module, "run_pieces",
+                        lambda idx, work: (counts.append(len(idx)), parallel.run_pieces(idx, work)))
+    layer, cfg, shape = make(case)
+    x = np.round(rng.standard_normal(shape) * 2) / 2  # many ties
+    y = layer(x)
+    dy = rng.standard_normal(y.shape)
+    np.testing.assert_array_equal(y, ref.max_pool2d(x, **refkw(cfg)))
+    np.testing.assert_allclose(layer.backward(dy), ref.max_pool2d_backward(x, dy, **refkw(cfg)), rtol=1e-12, atol=1e-12)
+    assert counts == [3, 3]
+
+
 def test_tie_rule_first_maximum_in_row_major_order():
     """Window [[1, 3], [3, 2]]: the maximum 3 appears at (0, 1) and (1, 0); the
     first in row-major order, (0, 1), gets the whole gradient."""

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..module import Module
+from ..parallel import pieces, run_pieces
 from ._checks import check_grad, need_forward
 
 
@@ -22,14 +23,28 @@ class ReLU(Module):
 
     def forward(self, x):
         xp = get_array_module(x)
-        y = xp.maximum(x, 0, out=x if self.inplace else None)
-        self._mask = y > 0
+        y = x if self.inplace else xp.empty_like(x)
+        mask = xp.empty(x.shape, dtype=bool)
+
+        def piece(i):  # on the CPU, large batches are cut into one piece per core
+            xp.maximum(x[i], 0, out=y[i])
+            xp.greater(y[i], 0, out=mask[i])
+
+        run_pieces(pieces(xp, x.shape, x.nbytes), piece)
+        self._mask = mask
         return y
 
     def backward(self, dy):
         mask = need_forward(self._mask, "ReLU")
         check_grad(dy, mask.shape, "ReLU")
-        return dy * mask
+        xp = get_array_module(dy)
+        dx = xp.empty(dy.shape, dtype=dy.dtype)
+
+        def piece(i):
+            xp.multiply(dy[i], mask[i], out=dx[i])
+
+        run_pieces(pieces(xp, dy.shape, dy.nbytes), piece)
+        return dx
 
 
 class Dropout(Module):

@@ -5,6 +5,7 @@ import math
 
 from ..backend import get_array_module
 from ..module import Module
+from ..parallel import pieces, run_pieces
 from ._checks import check_grad, check_nchw, need_forward, pair
 
 
@@ -82,21 +83,29 @@ class MaxPool2d(Module):
         else:
             xpad = x
         kh, kw = self.kernel_size
-        index_dtype = xp.uint8 if kh * kw <= 255 else xp.int32
-        windows = [xpad[self._window(k // kw, k % kw, (oh, ow))] for k in range(kh * kw)]  # views
-        y = windows[0].copy()
+        y = xp.empty((n, c, oh, ow), dtype=x.dtype)
+        argmax = xp.empty((n, c, oh, ow), dtype=xp.uint8 if kh * kw <= 255 else xp.int32)
+        # On the CPU, large batches are cut into one piece per core (minifcn.parallel).
+        run_pieces(pieces(xp, x.shape, x.nbytes), lambda i: self._max_and_argmax(xpad[i], y[i], argmax[i]))
+        self._cache = (x.shape, (hp, wp), argmax)
+        return y
+
+    def _max_and_argmax(self, xpad, y, argmax):
+        """Fill y (N, C, OH, OW) with the window maxima of xpad, and argmax with their first index k = i*kw + j."""
+        xp = get_array_module(xpad)
+        kh, kw = self.kernel_size
+        windows = [xpad[self._window(k // kw, k % kw, y.shape[2:])] for k in range(kh * kw)]  # views
+        y[...] = windows[0]
         for window in windows[1:]:
             xp.maximum(y, window, out=y)
         # Tie rule: the argmax is the first k (row-major) whose window holds the maximum.
         # Walk k downwards keeping ``argmax = k where window_k == y``, with integer
         # arithmetic instead of a masked assignment: argmax = k + (argmax - k) * (window_k != y).
-        argmax = xp.full((n, c, oh, ow), kh * kw - 1, dtype=index_dtype)
+        argmax[...] = kh * kw - 1
         for k in range(kh * kw - 2, -1, -1):
             argmax -= k
             argmax *= windows[k] != y
             argmax += k
-        self._cache = (x.shape, (hp, wp), argmax)
-        return y
 
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W); each window's gradient goes to its argmax."""
@@ -104,15 +113,23 @@ class MaxPool2d(Module):
         check_grad(dy, argmax.shape, "MaxPool2d")
         xp = get_array_module(dy)
         n, c, h, w = x_shape
-        kh, kw = self.kernel_size
-        dxpad = xp.zeros((n, c, hp, wp), dtype=dy.dtype)
+        (kh, kw), (sh, sw), (oh, ow) = self.kernel_size, self.stride, dy.shape[2:]
+        # Windows that tile the padded grid (kernel = stride, no dilation) write every
+        # pixel exactly once: no zero fill, and plain writes instead of read-modify-write.
+        tiles = (self.kernel_size == self.stride and self.dilation == (1, 1) and (hp, wp) == (oh * sh, ow * sw))
         overlapping = any(s < d * (k - 1) + 1 for s, d, k in zip(self.stride, self.dilation, self.kernel_size))
-        for k in range(kh * kw):
-            window = dxpad[self._window(k // kw, k % kw, dy.shape[2:])]
-            if overlapping:
-                window += dy * (argmax == k)
-            else:  # each input pixel is in at most one window: write, no read-modify-write
-                xp.multiply(dy, argmax == k, out=window)
+        dxpad = (xp.empty if tiles else xp.zeros)((n, c, hp, wp), dtype=dy.dtype)
+
+        def piece(i):
+            grid, grad, index = dxpad[i], dy[i], argmax[i]
+            for k in range(kh * kw):
+                window = grid[self._window(k // kw, k % kw, (oh, ow))]
+                if overlapping:
+                    window += grad * (index == k)
+                else:  # each input pixel is in at most one window: write, no read-modify-write
+                    xp.multiply(grad, index == k, out=window)
+
+        run_pieces(pieces(xp, dxpad.shape, dxpad.nbytes), piece)
         ph, pw = self.padding
         return dxpad[:, :, ph:ph + h, pw:pw + w]
 
