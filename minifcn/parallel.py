@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 MIN_BANDS = 3                # fewer bands run in the calling thread
 MIN_PIECE_BYTES = 1 << 20    # element-wise work on less than this runs in the calling thread
 
-_state = {"pool": None, "size": 0, "blas": None}
+_state = {"pool": None, "size": 0, "blas": None, "blas_users": 0, "blas_limit": None}
 _lock = threading.Lock()
 
 
@@ -95,6 +95,28 @@ def _pool(size):
         return _state["pool"]
 
 
+@contextlib.contextmanager
+def _blas_at_one_thread():
+    """BLAS at one thread until the last of the overlapping users leaves (band
+    loops run from several user threads at once must not restore each other's limit)."""
+    blas = _blas_controller()
+    if blas is None:
+        yield
+        return
+    with _lock:
+        if _state["blas_users"] == 0:
+            _state["blas_limit"] = blas.limit(limits=1)  # applies now; restores on unregister
+        _state["blas_users"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["blas_users"] -= 1
+            if _state["blas_users"] == 0:
+                _state["blas_limit"].restore_original_limits()
+                _state["blas_limit"] = None
+
+
 def _run(items, call, workers, hold_blas):
     """``call(worker, item)`` for every item, item ``i`` on worker ``i % workers``; the caller is worker 0."""
     items = list(items)
@@ -108,8 +130,7 @@ def _run(items, call, workers, hold_blas):
             call(worker, item)
 
     pool = _pool(workers - 1)
-    blas = _blas_controller() if hold_blas else None
-    with blas.limit(limits=1) if blas is not None else contextlib.nullcontext():
+    with _blas_at_one_thread() if hold_blas else contextlib.nullcontext():
         futures = [pool.submit(run_share, worker) for worker in range(1, workers)]
         try:
             run_share(0)

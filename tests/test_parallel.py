@@ -71,6 +71,35 @@ def test_blas_holds_one_thread_while_workers_run_and_gets_its_threads_back():
     assert blas_threads() == before
 
 
+@needs_blas_limit
+def test_band_loops_from_two_user_threads_leave_blas_as_it_was():
+    """Overlapping band loops (two models trained in two threads) share one BLAS limit;
+    the last to finish restores the original thread count, not the other's limit."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_band(worker, r0, r1):
+        if worker == 0:  # the user thread itself waits; the pool stays free
+            inside.set()
+            release.wait(5)
+
+    user = threading.Thread(target=parallel.run_bands, args=([(0, 1), (1, 2)], slow_band, 2))
+    user.start()
+    assert inside.wait(5)
+    users = []
+    parallel.run_bands([(0, 1), (1, 2)], lambda w, r0, r1: users.append(parallel._state["blas_users"]), 2)
+    assert users == [2, 2]  # both loops hold the limit
+    release.set()
+    user.join(5)
+    assert parallel._state["blas_users"] == 0
+    assert blas_threads() == before
+
+
 def test_num_threads_reads_the_environment(monkeypatch):
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
     assert parallel.num_threads() == 3

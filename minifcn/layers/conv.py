@@ -8,7 +8,8 @@ A convolution with weight ``W`` of shape (out, in, kh, kw) is a linear map
   stride 1 or when the stride divides the kernel, a convolution that computes the same map)
 * :func:`conv2d_weight_grad`  ``dW = dy . cols^T``
 
-each run band by band over the output rows (see :mod:`minifcn.layers.im2col`).
+each run band by band over the output rows (see :mod:`minifcn.layers.im2col`;
+on the CPU a batch's bands are shared by one thread per core, :mod:`minifcn.parallel`).
 
 A transposed convolution *is* ``C^T``: its forward is
 ``conv2d_input_grad`` and its backward is ``conv2d_forward`` (for the input

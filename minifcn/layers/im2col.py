@@ -20,7 +20,9 @@ layers are wide and skinny (conv1_2 of the small model multiplies an 8 x 72
 weight by 540,000 columns): there the unfolded columns would be ten times the
 size of the output, and reading them back from memory instead of cache costs
 more than the product. Products with many output channels are compute-bound
-and run best as one large product, so they get one band (measured).
+and run best as one large product, so they get one band (measured). Bands
+are independent: on the CPU, a batch's bands are shared by one thread per
+core (:mod:`minifcn.parallel`), each with its own scratch buffer.
 
 Both directions loop over kernel offsets only, each step moving a whole
 strided slice of every image and channel. When the stride divides the kernel
