@@ -36,6 +36,7 @@ MIN_PIECE_BYTES = 1 << 20    # element-wise work on less than this runs in the c
 
 _state = {"pool": None, "size": 0, "blas": None, "blas_users": 0, "blas_limit": None}
 _lock = threading.Lock()
+_inside = threading.local()  # .share is True while this thread runs a share of items
 
 
 def num_threads() -> int:
@@ -105,7 +106,7 @@ def _blas_at_one_thread():
         return
     with _lock:
         if _state["blas_users"] == 0:
-            _state["blas_limit"] = blas.limit(limits=1)  # applies now; restores on unregister
+            _state["blas_limit"] = blas.limit(limits=1)  # applies the limit now
         _state["blas_users"] += 1
     try:
         yield
@@ -118,16 +119,24 @@ def _blas_at_one_thread():
 
 
 def _run(items, call, workers, hold_blas):
-    """``call(worker, item)`` for every item, item ``i`` on worker ``i % workers``; the caller is worker 0."""
+    """``call(worker, item)`` for every item, item ``i`` on worker ``i % workers``; the caller is worker 0.
+
+    A call made from inside a share (work that itself runs bands) runs its
+    items in its own thread: waiting on the pool from the pool could deadlock.
+    """
     items = list(items)
-    if workers <= 1:
+    if workers <= 1 or getattr(_inside, "share", False):
         for item in items:
             call(0, item)
         return
 
     def run_share(worker):
-        for item in items[worker::workers]:
-            call(worker, item)
+        _inside.share = True
+        try:
+            for item in items[worker::workers]:
+                call(worker, item)
+        finally:
+            _inside.share = False
 
     pool = _pool(workers - 1)
     with _blas_at_one_thread() if hold_blas else contextlib.nullcontext():

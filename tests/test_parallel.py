@@ -37,6 +37,20 @@ def test_every_band_runs_once_on_its_worker(workers):
         assert len({t for ww, *_, t in seen if ww == w}) == 1
 
 
+def test_bands_run_from_inside_a_band_stay_in_that_thread():
+    """Nested band loops (work that runs bands itself) cannot deadlock the pool: they run where they are."""
+    calls = []
+
+    def outer(worker, r0, r1):
+        inner = []
+        parallel.run_bands([(0, 1), (1, 2), (2, 3)], lambda w, a, b: inner.append((w, threading.get_ident())), 2)
+        calls.append(inner == [(0, threading.get_ident())] * 3)
+
+    parallel.run_bands([(r, r + 1) for r in range(6)], outer, 2)
+    assert calls == [True] * 6
+    assert len(_record([(r, r + 1) for r in range(4)], 2)) == 4  # the pool still works afterwards
+
+
 def test_one_worker_runs_in_order_in_the_calling_thread():
     bands = [(0, 3), (3, 5), (5, 9)]
     seen = _record(bands, 1)
