@@ -115,7 +115,7 @@ class MaxPool2d(Module):
         n, c, h, w = x_shape
         (kh, kw), (sh, sw), (oh, ow) = self.kernel_size, self.stride, dy.shape[2:]
         # Windows that tile the padded grid (kernel = stride, no dilation) write every
-        # pixel exactly once: no zero fill, and plain writes instead of read-modify-write.
+        # pixel exactly once, so the grid needs no zero fill first.
         tiles = (self.kernel_size == self.stride and self.dilation == (1, 1) and (hp, wp) == (oh * sh, ow * sw))
         overlapping = any(s < d * (k - 1) + 1 for s, d, k in zip(self.stride, self.dilation, self.kernel_size))
         dxpad = (xp.empty if tiles else xp.zeros)((n, c, hp, wp), dtype=dy.dtype)
