@@ -1,4 +1,4 @@
-"""Shared fixtures: the array-module switch and tie-free random inputs.
+"""Shared fixtures: the array-module switch, tie-free random inputs, and whole-model gradients.
 
 ``xp`` runs a test once on NumPy and once on CuPy (the CuPy run is marked
 ``gpu`` and skipped where no GPU is visible), so layer tests are written once.
@@ -61,3 +61,33 @@ def tie_free():
 def rel_err():
     """``rel_err(actual, expected)``: see :func:`max_rel_err`."""
     return max_rel_err
+
+
+def model_gradients(model, x, dy):
+    """One forward and backward of ``model``: (dx, {name: copy of the gradient} of every trainable parameter)."""
+    model.zero_grad()
+    model(x)
+    dx = model.backward(dy)
+    return dx, {n: p.grad.copy() for n, p in model.named_parameters() if p.trainable}
+
+
+def check_batch_gradient_is_the_sum(model, x, dy):
+    """Backward of a batch of two equals the two single-image backwards: dx stacked, parameter gradients added."""
+    dx, both = model_gradients(model, x, dy)
+    dx0, first = model_gradients(model, x[:1], dy[:1])
+    dx1, second = model_gradients(model, x[1:], dy[1:])
+    np.testing.assert_allclose(dx, np.concatenate([dx0, dx1]), rtol=1e-10, atol=1e-12)
+    for n in both:
+        np.testing.assert_allclose(both[n], first[n] + second[n], rtol=1e-9, atol=1e-12, err_msg=n)
+
+
+@pytest.fixture
+def gradients():
+    """``gradients(model, x, dy)``: see :func:`model_gradients`."""
+    return model_gradients
+
+
+@pytest.fixture
+def batch_gradient_is_the_sum():
+    """``batch_gradient_is_the_sum(model, x, dy)``: see :func:`check_batch_gradient_is_the_sum`."""
+    return check_batch_gradient_is_the_sum

@@ -97,20 +97,8 @@ def test_gradcheck_catches_a_dropped_concat_skip():
     assert not report.passed and errors["conv1.weight"] > 1e-2
 
 
-def test_batch_gradient_is_the_sum_of_per_image_gradients():
+def test_batch_gradient_is_the_sum_of_per_image_gradients(batch_gradient_is_the_sum):
     model = small_model(3)
     x = np.concatenate([small_input(4), small_input(5)])
     g = np.random.default_rng(6).standard_normal((2, 3, 8, 16))
-
-    def grads(xb, gb):
-        model.zero_grad()
-        model(xb)
-        dx = model.backward(gb)
-        return dx, {n: p.grad.copy() for n, p in model.named_parameters()}
-
-    dx, both = grads(x, g)
-    dx0, first = grads(x[:1], g[:1])
-    dx1, second = grads(x[1:], g[1:])
-    np.testing.assert_allclose(dx, np.concatenate([dx0, dx1]), rtol=1e-10, atol=1e-12)
-    for n in both:
-        np.testing.assert_allclose(both[n], first[n] + second[n], rtol=1e-9, atol=1e-12, err_msg=n)
+    batch_gradient_is_the_sum(model, x, g)

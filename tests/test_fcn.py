@@ -317,7 +317,7 @@ def test_model_gradcheck_catches_a_dropped_pool3_gradient():
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_batch_gradient_is_the_sum_of_per_image_gradients(name):
+def test_batch_gradient_is_the_sum_of_per_image_gradients(name, batch_gradient_is_the_sum):
     """Backward of a batch of two equals the sum of the two batch-1 backwards (dropout off).
     Batch 1 and batch > 1 take different code paths in the convolutions (the reference trains
     with batch 1); a regression test for 1x1 input gradients that aliased a shared buffer at batch 1."""
@@ -325,23 +325,37 @@ def test_batch_gradient_is_the_sum_of_per_image_gradients(name):
     model.eval()
     x = np.concatenate([small_input(name, 5), small_input(name, 6)])
     g = np.random.default_rng(7).standard_normal(model(x).shape)
+    batch_gradient_is_the_sum(model, x, g)
 
-    def grads(xb, gb):
-        model.zero_grad()
-        model(xb)
-        dx = model.backward(gb)
-        return dx, {n: p.grad.copy() for n, p in model.named_parameters() if p.trainable}
 
-    dx, both = grads(x, g)
-    dx0, first = grads(x[:1], g[:1])
-    dx1, second = grads(x[1:], g[1:])
-    np.testing.assert_allclose(dx, np.concatenate([dx0, dx1]), rtol=1e-10, atol=1e-12)
-    for n in both:
-        np.testing.assert_allclose(both[n], first[n] + second[n], rtol=1e-9, atol=1e-12, err_msg=n)
+def test_threads_change_no_output_and_no_gradient_beyond_rounding(gradients, monkeypatch):
+    """FCN-8s with every convolution cut into one-row bands shared by three threads, and
+    ReLU and pooling cut into pieces (minifcn.parallel), against the same model on one thread."""
+    import importlib
+
+    from minifcn import parallel
+
+    im2col_module = importlib.import_module("minifcn.layers.im2col")
+    monkeypatch.setitem(im2col_module.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(im2col_module, "MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
+    model = small_model("fcn8s", 4)
+    model.eval()
+    x = np.concatenate([small_input("fcn8s", 5), small_input("fcn8s", 6), small_input("fcn8s", 8)])
+    g = np.random.default_rng(7).standard_normal(model(x).shape)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "1")
+    y1 = model(x)
+    dx1, one = gradients(model, x, g)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    np.testing.assert_array_equal(model(x), y1)
+    dx3, three = gradients(model, x, g)
+    np.testing.assert_allclose(dx3, dx1, rtol=1e-12, atol=1e-14)
+    for n in one:
+        np.testing.assert_allclose(three[n], one[n], rtol=1e-11, atol=1e-14, err_msg=n)
 
 
 @pytest.mark.parametrize("name", ["fcn8s", "encoder-decoder"])
-def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name):
+def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, gradients):
     """Training sets model.input_grad = False: the first convolution skips its input
     gradient, and every parameter gradient is unchanged."""
     if name == "encoder-decoder":
@@ -352,18 +366,11 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name):
         x = small_input(name, 5)
     model.eval()
     g = np.random.default_rng(7).standard_normal(model(x).shape)
-
-    def grads():
-        model.zero_grad()
-        model(x)
-        dx = model.backward(g)
-        return dx, {n: p.grad.copy() for n, p in model.named_parameters() if p.trainable}
-
     assert model.input_grad is True
-    dx, with_dx = grads()
+    dx, with_dx = gradients(model, x, g)
     assert dx.shape == x.shape
     model.input_grad = False
-    none, without = grads()
+    none, without = gradients(model, x, g)
     assert none is None
     for n in with_dx:
         np.testing.assert_array_equal(with_dx[n], without[n], err_msg=n)
