@@ -1,11 +1,11 @@
-"""Bands on every CPU core: a small thread pool for the convolutions' band loops.
+"""Every CPU core at work: a small thread pool for convolution bands and element-wise pieces.
 
 A convolution with few channels runs band by band (:mod:`minifcn.layers.im2col`):
 unfold a few output rows of every image into columns that stay in cache,
 multiply, move on. Each band is one small product per image (16 x 144 by
 144 x 786 for the 16-channel 3x3 layers of the small benchmark model), and
 OpenBLAS shares such products between cores badly: on the 2-core benchmark
-machine a run of them went at 65 GFLOP/s on two BLAS threads, and at 83 to 94
+machine a run of them went at 56 to 65 GFLOP/s on two BLAS threads, and at 83 to 94
 when two Python threads each ran half of them on one BLAS thread
 (``benchmarks/RESULTS.md``). So on the CPU the bands are handed out to threads,
 band ``b`` to worker ``b % workers``, while BLAS is held at one thread per call.
@@ -19,6 +19,11 @@ run at the same time; the calling thread is worker 0.
   threads on top of a multi-threaded BLAS would only compete. While a band
   loop runs, the limit holds for the whole process.
 * CuPy arrays never come here: a GPU runs each convolution as one band.
+
+Memory-bound element-wise layers (ReLU, max pooling) use the same pool
+without touching BLAS: :func:`pieces` cuts arrays of ``MIN_PIECE_BYTES`` or more
+into one view per worker, along the batch (or the channels when N = 1), and
+:func:`run_pieces` runs them.
 
 Outputs are the same for any number of workers. Weight gradients are summed
 per worker, then in worker order: they differ between worker counts by float
