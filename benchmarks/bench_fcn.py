@@ -1,11 +1,17 @@
 """Whole-network benchmark: FCN-8s forward, forward+backward and a training step.
 
 Cases (float32): full-width FCN-8s (VGG16, 134 M parameters) at 1x3x224x224
-and 1x3x500x500, and a small FCN-8s (width 0.125) at 8x3x64x64. When PyTorch
-is installed the same architecture runs in the same process, interleaved
-round by round with minifcn, and the table shows both medians and the ratio.
+and 1x3x500x500, a small FCN-8s (width 0.125) at 8x3x64x64, and ``recipe``:
+the model, batch, loss and SGD of ``minifcn train``'s defaults (taken from
+``TrainConfig`` and the training code: today width 0.125, 6 classes, learned
+2x upsampling, no dropout, 1x3x128x128). When PyTorch is installed the same
+architecture runs in the same process, interleaved round by round with
+minifcn, and the table shows both medians and the ratio. With
+``--processes N`` each framework is also timed alone in its own process, N
+processes each, alternating; their medians go in a second table.
 
-    python benchmarks/bench_fcn.py                 # all cases, CPU
+    python benchmarks/bench_fcn.py                 # the default cases, CPU
+    python benchmarks/bench_fcn.py --cases recipe --processes 5   # the training command's step, also one framework per process
     python benchmarks/bench_fcn.py --cases 224 --rounds 3 --layers
     python benchmarks/bench_fcn.py --memory        # peak memory of a step, each framework in a child process
     python benchmarks/bench_fcn.py --cases small --one-band-thread   # minifcn's band threads on and off
@@ -40,13 +46,25 @@ from minifcn.layers import SoftmaxCrossEntropy  # noqa: E402
 from minifcn.models import FCN8s  # noqa: E402
 from minifcn.models.trace import fcn_flops  # noqa: E402
 from minifcn.optim import SGD  # noqa: E402
+from minifcn.train import TrainConfig, build_from_config, make_datasets, make_loss  # noqa: E402
 
-CASES = {  # name: (width, batch, side)
+CASES = {  # name: (width, batch, side); "recipe" takes all three from TrainConfig
     "224": (1.0, 1, 224),
     "320": (1.0, 1, 320),
     "500": (1.0, 1, 500),
     "small": (0.125, 8, 64),
+    "recipe": None,
 }
+DEFAULT_CASES = "224,500,small,recipe"
+PROCESS_TIMES = ("forward", "forward_backward", "step", "sgd")
+
+
+def case_geometry(case):
+    """(width, batch, side) of a case."""
+    if CASES[case] is None:
+        cfg = TrainConfig()
+        return cfg.width, cfg.batch_size, cfg.image_size
+    return CASES[case]
 
 
 def synchronize(device):
@@ -57,21 +75,35 @@ def synchronize(device):
 
 
 class MinifcnRunner:
-    """Forward / forward+backward / step closures for one minifcn model and batch."""
+    """Forward / forward+backward / step closures for one minifcn model and batch.
 
-    def __init__(self, width, batch, side, device="cpu", seed=0):
+    The fixed cases use FCN-8s with 21 classes and the model's defaults (dropout 0.5,
+    fixed bilinear upsampling), lr 1e-4. ``recipe`` builds model, loss and SGD as
+    ``minifcn train`` does with its defaults (``TrainConfig()``).
+    """
+
+    def __init__(self, case, device="cpu", seed=0):
         self.device = device
-        self.model = FCN8s(21, width, seed=seed).to(device)
-        self.model.input_grad = False  # as in PyTorch, where the input does not require a gradient
+        width, batch, side = case_geometry(case)
+        if CASES[case] is None:
+            cfg = TrainConfig(seed=seed)
+            classes = make_datasets(cfg)[0].num_classes
+            self.model = build_from_config(cfg, classes).to(device)
+            self.loss = make_loss(self.model, cfg.reduction)
+            self.opt = SGD(self.model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            classes = 21
+            self.model = FCN8s(classes, width, seed=seed).to(device)
+            self.loss = SoftmaxCrossEntropy()
+            self.opt = SGD(self.model, lr=1e-4, momentum=0.9, weight_decay=5e-4)
+        self.model.input_grad = False  # as in PyTorch (and in training), where the input needs no gradient
         rng = np.random.default_rng(seed)
         # small nonzero score layers so the gradient reaches the whole network
         for name, p in self.model.named_parameters():
             if name.startswith("score"):
                 p.data[...] = to_device(rng.standard_normal(p.shape).astype(np.float32) * 1e-3, device)
         self.x = to_device(rng.standard_normal((batch, 3, side, side)).astype(np.float32), device)
-        self.labels = to_device(rng.integers(0, 21, (batch, side, side)), device)
-        self.loss = SoftmaxCrossEntropy()
-        self.opt = SGD(self.model, lr=1e-4, momentum=0.9, weight_decay=5e-4)
+        self.labels = to_device(rng.integers(0, classes, (batch, side, side)), device)
 
     def forward(self):
         self.model.eval()
@@ -108,7 +140,9 @@ class TorchRunner:
 
         self.x = torch.from_numpy(to_numpy(minifcn_runner.x)).to(self.dev)
         self.labels = torch.from_numpy(to_numpy(minifcn_runner.labels)).to(self.dev)
-        self.opt = torch_sgd(self.model, lr=1e-4)
+        opt = minifcn_runner.opt
+        self.opt = torch_sgd(self.model, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        self.ignore_index, self.reduction = minifcn_runner.loss.ignore_index, minifcn_runner.loss.reduction
 
     def sync(self):
         if self.dev == "cuda":
@@ -124,7 +158,8 @@ class TorchRunner:
     def forward_backward(self):
         self.opt.zero_grad(set_to_none=False)
         out = self.model(self.x)
-        self.torch.nn.functional.cross_entropy(out, self.labels, ignore_index=255).backward()
+        self.torch.nn.functional.cross_entropy(out, self.labels, ignore_index=self.ignore_index,
+                                               reduction=self.reduction).backward()
         self.sync()
 
     def step(self):
@@ -209,14 +244,18 @@ def print_layers(profile, whole, flops):
           + f"; outside layers (loss, SGD, Python) {100 * (whole - total) / whole:.0f} %")
 
 
-def child(framework, case, device):
-    """Run a few training steps of one framework alone; print the peak memory as JSON."""
-    width, batch, side = CASES[case]
+def child(framework, case, device, rounds=None):
+    """One framework alone in this process; print JSON: with ``rounds``, the median seconds of
+    forward, forward+backward, step and SGD over interleaved rounds, else the peak memory of 2 steps."""
     base = peak_rss_mb()
-    runner = MinifcnRunner(width, batch, side, device)
+    runner = MinifcnRunner(case, device)
     if framework == "torch":
         torch = import_torch()
         runner = TorchRunner(torch, runner, device)
+    if rounds:
+        times = interleaved({what: getattr(runner, what) for what in PROCESS_TIMES}, rounds=rounds, warmup=1)
+        print(json.dumps({what: t.median for what, t in times.items()}))
+        return
     for _ in range(2):
         runner.step()
     result = {"peak_rss_mb": peak_rss_mb(), "start_rss_mb": base}
@@ -233,11 +272,7 @@ def child(framework, case, device):
 def memory_table(cases, device, use_torch):
     rows, per_gflop = [], {}
     for case in cases:
-        res = {}
-        for fw in ("minifcn", "torch") if use_torch else ("minifcn",):
-            out = subprocess.run([sys.executable, __file__, "--child", fw, "--cases", case, "--device", device],
-                                 capture_output=True, text=True, check=True)
-            res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+        res = {fw: _child_json(fw, case, device) for fw in (("minifcn", "torch") if use_torch else ("minifcn",))}
         key = "peak_gpu_mb" if device == "gpu" else "peak_rss_mb"
         mine = res["minifcn"][key]
         theirs = res.get("torch", {}).get(key)
@@ -247,9 +282,35 @@ def memory_table(cases, device, use_torch):
     print_table(("case", "minifcn", "PyTorch", "ratio"), rows, (None, ".0f", ".0f", ".2f"))
 
 
+def _child_json(framework, case, device, *extra):
+    out = subprocess.run([sys.executable, __file__, "--child", framework, "--cases", case, "--device", device,
+                          *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def process_table(cases, device, use_torch, processes, rounds):
+    """Each framework alone in its own process (``processes`` each, alternating); medians over the processes."""
+    frameworks = ("minifcn", "torch") if use_torch else ("minifcn",)
+    rows = []
+    for case in cases:
+        runs = defaultdict(list)
+        for _ in range(processes):
+            for fw in frameworks:
+                runs[fw].append(_child_json(fw, case, device, "--child-rounds", str(rounds)))
+        width, batch, side = case_geometry(case)
+        for what in PROCESS_TIMES:
+            mine = float(np.median([r[what] for r in runs["minifcn"]]))
+            theirs = float(np.median([r[what] for r in runs["torch"]])) if use_torch else None
+            rows.append((f"{case} ({batch}x3x{side}x{side}, width {width:g})", what.replace("_", "+"), 1e3 * mine,
+                         1e3 * theirs if theirs else None, mine / theirs if theirs else None))
+    print(f"\nEach framework alone in its own process: medians over {processes} processes per framework "
+          f"(alternating), each the median of {rounds} rounds")
+    print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio"), rows, (None, None, ".0f", ".0f", ".2f"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", default="224,500,small", help="comma list of: " + ", ".join(CASES))
+    p.add_argument("--cases", default=DEFAULT_CASES, help="comma list of: " + ", ".join(CASES))
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-torch", action="store_true")
@@ -257,14 +318,17 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true", help="peak memory of each framework (child processes)")
     p.add_argument("--one-band-thread", action="store_true",
                    help="also time minifcn with MINIFCN_NUM_THREADS=1, interleaved, and print the ratio")
+    p.add_argument("--processes", type=int, default=0,
+                   help="also time each framework alone in its own process, this many processes each (alternating)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-rounds", type=int, default=0, help=argparse.SUPPRESS)  # 0: the child measures memory
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
         if c not in CASES:
             p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
     if args.child:
-        return child(args.child, cases[0], args.device)
+        return child(args.child, cases[0], args.device, args.child_rounds)
 
     torch = None if args.no_torch else import_torch()
     if torch is not None and args.device == "gpu":
@@ -278,8 +342,8 @@ def main(argv=None):
         ceiling = None
     rows, per_gflop, thread_rows = [], {}, []
     for case in cases:
-        width, batch, side = CASES[case]
-        mine = MinifcnRunner(width, batch, side, args.device)
+        width, batch, side = case_geometry(case)
+        mine = MinifcnRunner(case, args.device)
         fwd_flops = sum(fcn_flops(mine.model, side, side, batch).values())
         candidates = {}
         theirs = TorchRunner(torch, mine, args.device) if torch is not None else None
@@ -321,6 +385,8 @@ def main(argv=None):
         spread = max(full_width.values()) / min(full_width.values()) - 1
         print("\nforward ms per GFLOP: " + ", ".join(f"{c}: {v:.2f}" for c, v in full_width.items())
               + f"; largest / smallest - 1 = {100 * spread:.0f} % (target <= 20 %)")
+    if args.processes:
+        process_table(cases, args.device, torch is not None, args.processes, args.rounds)
     if args.memory:
         memory_table(cases, args.device, torch is not None)
 

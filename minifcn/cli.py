@@ -29,6 +29,9 @@ def _add_train(sub):
     p.add_argument("--reduction", choices=("mean", "sum"), default=d.reduction,
                    help="loss normalisation: per-pixel mean, or the reference's sum (needs a ~pixels-times smaller lr)")
     p.add_argument("--schedule", choices=("constant", "step", "poly"), default=d.schedule)
+    p.add_argument("--poly-power", type=float, default=d.poly_power, help="poly schedule: lr * (1 - t/T) ** power")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="iterations of linear learning-rate warm-up before the schedule (0: none)")
     p.add_argument("--learn-upsampling", action=argparse.BooleanOptionalAction, default=d.learn_upsampling,
                    help="learn the 2x transposed convolutions (CVPR recipe); --no-learn-upsampling keeps all fixed")
     p.add_argument("--dropout", type=float, default=d.dropout)
@@ -56,6 +59,7 @@ def cmd_train(args):
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, out=args.out, width=args.width,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, reduction=args.reduction, schedule=args.schedule,
+                      poly_power=args.poly_power, warmup=args.warmup,
                       learn_upsampling=args.learn_upsampling, dropout=args.dropout, image_size=args.image_size,
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,

@@ -162,18 +162,43 @@ class PolyLR:
     def __init__(self, base: float, max_iter: int, power: float = 0.9):
         if max_iter < 1:
             raise ValueError(f"PolyLR: max_iter must be >= 1, got {max_iter}")
+        if not power > 0:
+            raise ValueError(f"PolyLR: power must be > 0, got {power!r}")
         self.base, self.max_iter, self.power = float(base), int(max_iter), float(power)
 
     def __call__(self, iteration: int) -> float:
         return self.base * max(0.0, 1.0 - iteration / self.max_iter) ** self.power
 
 
-def make_schedule(name: str, base: float, max_iter: int, step_size: int | None = None, gamma: float = 0.1):
-    """'constant', 'step' (step_size defaults to a third of max_iter) or 'poly'."""
+class WarmupLR:
+    """Linear warm-up in front of another schedule: ``lr(t) = schedule(t) * min(1, (t + 1) / warmup)``.
+
+    The first step uses ``1 / warmup`` of the scheduled rate, step ``warmup - 1`` the full
+    rate (Goyal et al. 2017, "gradual warm-up"): a higher peak survives the first steps of
+    a network trained from scratch.
+    """
+
+    def __init__(self, schedule, warmup: int):
+        if int(warmup) != warmup or warmup < 1:
+            raise ValueError(f"WarmupLR: warmup must be an integer >= 1, got {warmup!r}")
+        self.schedule, self.warmup = schedule, int(warmup)
+
+    def __call__(self, iteration: int) -> float:
+        return self.schedule(iteration) * min(1.0, (iteration + 1) / self.warmup)
+
+
+def make_schedule(name: str, base: float, max_iter: int, step_size: int | None = None, gamma: float = 0.1,
+                  power: float = 0.9, warmup: int = 0):
+    """'constant', 'step' (step_size defaults to a third of max_iter) or 'poly' (``power``),
+    behind a linear warm-up over the first ``warmup`` iterations when ``warmup > 0``."""
     if name == "constant":
-        return ConstantLR(base)
-    if name == "step":
-        return StepLR(base, step_size or max(1, max_iter // 3), gamma)
-    if name == "poly":
-        return PolyLR(base, max_iter)
-    raise ValueError(f"unknown schedule {name!r}; choose constant, step or poly")
+        schedule = ConstantLR(base)
+    elif name == "step":
+        schedule = StepLR(base, step_size or max(1, max_iter // 3), gamma)
+    elif name == "poly":
+        schedule = PolyLR(base, max_iter, power)
+    else:
+        raise ValueError(f"unknown schedule {name!r}; choose constant, step or poly")
+    if int(warmup) != warmup or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    return WarmupLR(schedule, warmup) if warmup else schedule

@@ -61,6 +61,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     reduction: str = "mean"        # 'mean' per pixel, or 'sum' as in the reference (then lr ~ 1e-10 for VOC)
     schedule: str = "poly"         # constant, step or poly (per iteration)
+    poly_power: float = 0.9        # poly: lr * (1 - t / T) ** power
+    warmup: int = 0                # iterations of linear warm-up before the schedule (0: none)
     learn_upsampling: bool = True
     dropout: float = 0.0
     image_size: int = 128          # shapes only
@@ -234,7 +236,8 @@ def train(cfg: TrainConfig, log=print):
                               flip=cfg.flip, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, cfg.batch_size if cfg.crop_size is None and cfg.dataset == "shapes" else 1,
                             **loader_kw)
-    schedule = make_schedule(cfg.schedule, cfg.lr, max(1, cfg.epochs * len(train_loader)))
+    schedule = make_schedule(cfg.schedule, cfg.lr, max(1, cfg.epochs * len(train_loader)), power=cfg.poly_power,
+                             warmup=cfg.warmup)
 
     os.makedirs(cfg.out, exist_ok=True)
     ckpt, best_path = os.path.join(cfg.out, "checkpoint.npz"), os.path.join(cfg.out, "best.npz")

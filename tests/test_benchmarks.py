@@ -51,6 +51,36 @@ def test_bench_fcn_small_case_prints_every_row():
         assert float(r[5]) > 0 and r[6] == "-" and float(r[-1]) > 0
 
 
+def test_bench_fcn_recipe_case_in_one_process_and_in_separate_processes():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_fcn.py"), "--cases", "recipe", "--rounds", "1",
+                           "--no-torch", "--processes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    split = next(i for i, line in enumerate(lines) if line.startswith("Each framework alone in its own process"))
+    for table in (lines[:split], lines[split:]):  # interleaved in one process, then one process per framework
+        rows = [line.split() for line in table if line.startswith("recipe (1x3x128x128, width 0.125)")]
+        assert [r[4] for r in rows] == ["forward", "forward+backward", "step", "sgd"]
+        assert all(float(r[5]) > 0 and r[6] == "-" for r in rows)
+
+
+def test_bench_fcn_recipe_runner_is_the_training_defaults():
+    import bench_fcn  # noqa: PLC0415
+
+    from minifcn.train import TrainConfig  # noqa: PLC0415
+
+    assert "recipe" in bench_fcn.DEFAULT_CASES.split(",")
+    cfg = TrainConfig()
+    runner = bench_fcn.MinifcnRunner("recipe")
+    assert runner.x.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    assert runner.model.num_classes == 6 and runner.model.width == cfg.width
+    assert runner.model.learn_upsampling == cfg.learn_upsampling and runner.model.upscore2.weight.trainable
+    assert all(m.p == cfg.dropout for _, m in runner.model.named_modules() if type(m).__name__ == "Dropout")
+    assert runner.loss.reduction == cfg.reduction and runner.loss.class_weight is None
+    opt = runner.opt
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (cfg.lr, cfg.momentum, cfg.weight_decay)
+    assert int(runner.labels.max()) < 6
+
+
 @pytest.mark.slow  # 10 s on a quiet 2-core machine, 15 to 27 s on a contended one (PyTorch's two-thread ops stall)
 def test_bench_layers_quick_prints_table():
     proc = _run("--quick")

@@ -16,7 +16,7 @@ from minifcn.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--model", "fcn8s", "--width", "0.03125", "--image-size", "16", "--train-images", "4",
               "--val-images", "2", "--batch-size", "2", "--epochs", "1", "--dropout", "0", "--no-progress",
-              "--device", "cpu", "--seed", "1"]
+              "--device", "cpu", "--seed", "1", "--warmup", "5", "--poly-power", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,10 @@ def test_train_options_reach_the_config(run):
     cfg = meta["config"]
     assert (cfg["model"], cfg["width"], cfg["image_size"], cfg["train_images"], cfg["batch_size"], cfg["dropout"],
             cfg["seed"], cfg["progress"]) == ("fcn8s", 0.03125, 16, 4, 2, 0.0, 1, False)
+    assert (cfg["warmup"], cfg["poly_power"]) == (5, 2.0)
+    # 2 steps; the second (t = 1) used lr * (1 - 1/2) ** 2 (poly, power 2) * 2/5 (warm-up)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["lr"] == pytest.approx(cfg["lr"] * 0.25 * 0.4, rel=1e-12)
 
 
 def test_eval_json(run, capsys):

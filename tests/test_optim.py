@@ -9,7 +9,7 @@ import pytest
 
 from minifcn.models import FCN8s
 from minifcn.module import Parameter
-from minifcn.optim import SGD, ConstantLR, PolyLR, StepLR, make_schedule, suggest_lr
+from minifcn.optim import SGD, ConstantLR, PolyLR, StepLR, WarmupLR, make_schedule, suggest_lr
 
 GRADS_A = ([0.5, 0.25], [-1.0, 0.5])  # gradient of parameter a at step 1 and step 2
 GRADS_B = ([1.0], [2.0])
@@ -205,6 +205,25 @@ def test_schedules():
         StepLR(0.1, 0)
     with pytest.raises(ValueError, match="max_iter.*0"):
         PolyLR(0.1, 0)
+
+
+def test_poly_power_and_warmup():
+    p = make_schedule("poly", 0.2, 40, power=2.0)
+    assert p(20) == pytest.approx(0.2 * 0.25) and p(0) == pytest.approx(0.2)
+    w = make_schedule("poly", 0.2, 40, power=1.0, warmup=4)  # linear ramp by (t + 1) / 4 on top of the decay
+    assert isinstance(w, WarmupLR)
+    assert [w(t) for t in range(5)] == pytest.approx([0.2 * (1 - t / 40) * min(1, (t + 1) / 4) for t in range(5)])
+    assert w(0) == pytest.approx(0.05) and w(3) == pytest.approx(0.2 * 37 / 40) and w(20) == pytest.approx(0.1)
+    assert all(w(t) < w(t + 1) for t in range(3)) and all(w(t) > w(t + 1) for t in range(3, 39))
+    c = make_schedule("constant", 0.1, 100, warmup=10)
+    assert c(0) == pytest.approx(0.01) and c(9) == c(500) == pytest.approx(0.1)
+    assert not isinstance(make_schedule("poly", 0.1, 100, warmup=0), WarmupLR)
+    with pytest.raises(ValueError, match="warmup.*-1"):
+        make_schedule("poly", 0.1, 100, warmup=-1)
+    with pytest.raises(ValueError, match="warmup.*2.5"):
+        make_schedule("poly", 0.1, 100, warmup=2.5)
+    with pytest.raises(ValueError, match="power.*0"):
+        make_schedule("poly", 0.1, 100, power=0)
 
 
 def test_suggest_lr_relates_sum_and_mean_losses():
