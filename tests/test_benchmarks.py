@@ -81,6 +81,17 @@ def test_bench_fcn_recipe_runner_is_the_training_defaults():
     assert int(runner.labels.max()) < 6
 
 
+@pytest.mark.slow  # four training processes: 107 s on the 2-core machine at load 8, most of it process start-up
+def test_bench_under_load_times_both_settings_in_both_conditions():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_under_load.py"), "--steps", "2", "--rounds", "1",
+                           "--image-size", "16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("sleep ", "spin "))}
+    assert set(rows) == {"sleep", "spin"}
+    for r in rows.values():  # alone s, beside busy s, their ratio
+        assert float(r[1]) > 0 and float(r[2]) > 0 and float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), abs=0.01)
+
+
 @pytest.mark.slow  # 10 s on a quiet 2-core machine, 15 to 27 s on a contended one (PyTorch's two-thread ops stall)
 def test_bench_layers_quick_prints_table():
     proc = _run("--quick")

@@ -156,3 +156,31 @@ def test_python_m_minifcn_help():
     result = subprocess.run([sys.executable, "-m", "minifcn", "train", "--help"], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0 and "--reduction" in result.stdout and "--learn-upsampling" in result.stdout
+
+
+_RECORD_ENV_WHEN_NUMPY_LOADS = """
+import importlib.abc, os, sys
+seen = []
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not seen:
+            seen.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+        return None
+sys.meta_path.insert(0, Spy())
+import minifcn.cli
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "4"), ("9", "9")])
+def test_openblas_thread_timeout_is_set_before_numpy_loads(preset, expected):
+    """Both entry points import the package, which sets OPENBLAS_THREAD_TIMEOUT (idle BLAS threads sleep
+    instead of spinning) before NumPy, the only moment OpenBLAS reads it; a user's own value wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if preset:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    result = subprocess.run([sys.executable, "-c", _RECORD_ENV_WHEN_NUMPY_LOADS], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

@@ -1,0 +1,80 @@
+"""A short ``minifcn train`` run alone and beside one busy process, with idle BLAS threads sleeping or spinning.
+
+Each run is a fresh process (OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads), timed from
+start to exit. Two settings, alternating round by round:
+
+* ``sleep``: minifcn's default (the package sets ``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy loads);
+* ``spin``: ``OPENBLAS_THREAD_TIMEOUT=28``, OpenBLAS's own default (idle threads spin for 2^28 cycles).
+
+and two conditions: alone, and beside ``python -c "while 1: pass"`` (started before the run, killed after).
+
+    python benchmarks/bench_under_load.py                       # 300 steps, 2 rounds
+    python benchmarks/bench_under_load.py --steps 200 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine_line, print_table  # noqa: E402
+
+SETTINGS = {"sleep": None, "spin": "28"}  # OPENBLAS_THREAD_TIMEOUT (None: the package's default)
+CONDITIONS = ("alone", "beside a busy process")
+
+
+def timed_run(steps: int, image_size: int, timeout_value, out: str) -> float:
+    """Wall seconds of ``minifcn train`` for ``steps`` steps (batch 1) and a small held-out split."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if timeout_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = timeout_value
+    cmd = [sys.executable, "-m", "minifcn", "train", "--out", out, "--epochs", "1", "--train-images", str(steps),
+           "--val-images", "16", "--batch-size", "1", "--image-size", str(image_size), "--no-progress"]
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300, help="training steps (images of one epoch, batch 1)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=128, help="image side (the training default: 128)")
+    args = p.parse_args(argv)
+    print(machine_line())
+    times = {(s, c): [] for s in SETTINGS for c in CONDITIONS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for condition in CONDITIONS:
+                for setting, value in SETTINGS.items():
+                    busy = (subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+                            if condition != "alone" else None)
+                    try:
+                        times[setting, condition].append(timed_run(args.steps, args.image_size, value, os.path.join(tmp, "run")))
+                    finally:
+                        if busy is not None:
+                            busy.kill()
+                            busy.wait()
+    rows = []
+    for setting in SETTINGS:
+        alone = statistics.median(times[setting, "alone"])
+        loaded = statistics.median(times[setting, CONDITIONS[1]])
+        rows.append((setting, alone, loaded, loaded / alone,
+                     " ".join(f"{t:.1f}" for t in times[setting, "alone"]),
+                     " ".join(f"{t:.1f}" for t in times[setting, CONDITIONS[1]])))
+    print(f"\n{args.steps} training steps (batch 1, {args.image_size} x {args.image_size}) + 16 held-out images, wall seconds, "
+          f"medians of {args.rounds} rounds")
+    print_table(("idle BLAS threads", "alone s", "beside busy s", "busy / alone", "alone runs", "busy runs"), rows,
+                (None, ".1f", ".1f", ".2f", None, None))
+
+
+if __name__ == "__main__":
+    main()
