@@ -58,7 +58,9 @@ def main(argv=None):
                     busy = (subprocess.Popen([sys.executable, "-c", "while 1: pass"])
                             if condition != "alone" else None)
                     try:
-                        times[setting, condition].append(timed_run(args.steps, args.image_size, value, os.path.join(tmp, "run")))
+                        seconds = timed_run(args.steps, args.image_size, value, os.path.join(tmp, "run"))
+                        times[setting, condition].append(seconds)
+                        print(f"{setting}, {condition}: {seconds:.1f} s", flush=True)  # each run as it ends
                     finally:
                         if busy is not None:
                             busy.kill()
