@@ -333,3 +333,243 @@ def test_training_with_class_weights_logs_them_and_learns(tmp_path, monkeypatch)
     assert len(weights) == 6 and weights[0] < 1 < max(weights)  # background, the most frequent class, weighs least
     np.testing.assert_allclose(losses[0].class_weight, weights, atol=1e-3)  # and the loss uses them
     assert math.isfinite(history[-1]["train_loss"])
+
+
+# -- the run folder is never destroyed by accident ------------------------------------------------
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_is_refused_without_resume_or_overwrite(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with pytest.raises(ValueError, match="is not empty") as err:
+        train(tiny_fcn(split), log=lambda *a: None)
+    assert "--resume" in str(err.value) and "--overwrite" in str(err.value) and "checkpoint.npz" in str(err.value)
+    assert folder_bytes(split) == before
+
+
+def test_overwrite_replaces_the_run_files_and_keeps_the_rest(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    (split / "notes.txt").write_text("mine")
+    lines = []
+    history = train(tiny_fcn(split, epochs=1, overwrite=True, seed=4), log=lines.append)
+    assert any("--overwrite" in line for line in lines)
+    assert (split / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["train_loss"] for line in (split / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([history[0]["train_loss"]], rel=1e-12)
+    assert load_checkpoint(split / "checkpoint.npz")[1]["config"]["seed"] == 4
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match="no checkpoint") as err:
+        train(tiny_fcn(out, resume=True), log=lambda *a: None)
+    assert str(out / "checkpoint.npz") in str(err.value)
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'  # the history is not overwritten
+    with pytest.raises(ValueError, match="does not exist"):
+        train(tiny_fcn(tmp_path / "absent", resume=True), log=lambda *a: None)
+
+
+def test_out_naming_a_file(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=r"--out.*a-file.*is a file, not a folder"):
+        train(tiny_fcn(target), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name, value, option", [
+    ("epochs", -1, "--epochs"), ("epochs", 0, "--epochs"), ("seed", -1, "--seed"),
+    ("input_scale", float("nan"), "--input-scale"), ("lr", float("nan"), "--lr"), ("lr", 0.0, "--lr"),
+    ("batch_size", 0, "--batch-size"), ("momentum", -0.5, "--momentum"), ("num_classes", 1, "--num-classes"),
+])
+def test_settings_that_cannot_train_are_refused_naming_the_option(fcn_runs, tmp_path, name, value, option):
+    """Before anything is touched: a finished run's folder keeps its metrics (--epochs -1 used to delete them)."""
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with np.errstate(all="ignore"), pytest.raises(ValueError) as err:
+        train(tiny_fcn(split, resume=True, **{name: value}), log=lambda *a: None)
+    assert option in str(err.value) and repr(value) in str(err.value)
+    assert folder_bytes(split) == before
+
+
+# -- the last good checkpoint is good ------------------------------------------------------------
+
+@pytest.fixture
+def first_param(monkeypatch):
+    """The first parameter array the optimiser steps (what poisoning changes)."""
+    import minifcn.optim as optim  # noqa: PLC0415
+    seen = {}
+    real_init = optim.SGD.__init__
+
+    def init(self, model, *args, **kwargs):
+        real_init(self, model, *args, **kwargs)
+        seen["model"] = model
+    monkeypatch.setattr(optim.SGD, "__init__", init)
+    return seen
+
+
+@pytest.mark.parametrize("poison, says", [
+    (lambda m: m.conv1_1.weight.data.__setitem__((0, 0, 0, 0), np.nan), "parameter 'conv1_1.weight' holds 1 NaN"),
+    (lambda m: [p.data.__imul__(np.float32(1e30)) for p in (m.conv1_1.weight, m.conv1_2.weight)],
+     "validation logits hold NaN or infinity"),  # finite weights (< 1e30), overflowing logits
+])
+def test_nothing_is_written_from_nonfinite_weights_or_logits(fcn_runs, tmp_path, monkeypatch, first_param,
+                                                             poison, says):
+    """NaN weights, or weights so large that the logits overflow, after the last step of epoch 2:
+    epoch 1's checkpoint, best checkpoint and metrics stay as they were and no NaN row is written."""
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    real = train_module.SGD.step
+    steps = []
+
+    def step(self):
+        real(self)
+        steps.append(1)
+        if len(steps) == 2:  # 2 steps an epoch: the last one of epoch 2
+            poison(first_param["model"])
+
+    monkeypatch.setattr(train_module.SGD, "step", step)
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    assert says in str(err.value) and "epoch 2" in str(err.value) and "kept" in str(err.value)
+    after = folder_bytes(split)
+    for name in ("checkpoint.npz", "best.npz", "metrics.jsonl"):
+        assert after[name] == before[name], name
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused_by_load_model(fcn_runs, tmp_path):
+    """What eval and predict (and resume) load through: the first bad parameter is named."""
+    from minifcn.checkpoint import CheckpointError, save_checkpoint  # noqa: PLC0415
+    arrays, meta = load_checkpoint(fcn_runs["root"] / "first" / "checkpoint.npz")
+    arrays["model.score_fr.weight"] = arrays["model.score_fr.weight"].copy()
+    arrays["model.score_fr.weight"].flat[[3, 7]] = [np.inf, np.nan]
+    save_checkpoint(tmp_path / "bad.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match=r"parameter 'score_fr\.weight' holds 2 NaN or infinite"):
+        load_model(tmp_path / "bad.npz")
+
+
+# -- interrupts and full disks -------------------------------------------------------------------
+
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    left = [split / ".checkpoint.npz.k1ll3d.npz", split / ".best.npz.abc.npz", split / ".metrics.jsonl.x.tmp"]
+    for path in left:
+        path.write_bytes(b"PK\x03\x04 a full-size temporary")
+    lines = []
+    train(tiny_fcn(split, resume=True, schedule="constant"), log=lines.append)
+    assert not any(path.exists() for path in left)
+    assert sum("left by an interrupted save" in line for line in lines) == 3
+    assert sorted(p.name for p in split.iterdir()) == sorted(train_module.RUN_FILES)
+
+
+def test_a_full_disk_changes_neither_file_and_names_the_one_it_could_not_write(fcn_runs, tmp_path, monkeypatch):
+    """ENOSPC while epoch 2's checkpoint is written: metrics.jsonl is not one epoch ahead of it."""
+    import errno  # noqa: PLC0415
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+
+    def full(f, **kwargs):
+        f.write(b"PK\x03\x04 part of an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(OSError) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    assert err.value.errno == errno.ENOSPC
+    assert f"cannot write {split / 'checkpoint.npz'}" in str(err.value) and "No space left" in str(err.value)
+    assert "nothing of epoch 2 was saved" in str(err.value)
+    after = folder_bytes(split)
+    assert after["metrics.jsonl"] == before["metrics.jsonl"] and after["checkpoint.npz"] == before["checkpoint.npz"]
+    assert not [p for p in split.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(fcn_runs, tmp_path, monkeypatch):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.SGD, "step", interrupted)
+    with pytest.raises(train_module.TrainingInterrupted) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    message = str(err.value)
+    assert message.startswith("interrupted: ") and "\n" not in message
+    assert f"{split / 'checkpoint.npz'} (after epoch 1 of 2)" in message and "--resume" in message
+
+
+# -- resume the run you meant ----------------------------------------------------------------
+
+def test_resume_with_other_settings_names_every_difference(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with pytest.raises(ValueError) as err:
+        train(tiny_fcn(split, resume=True, width=1 / 16, model="fcn16s", image_size=24, dataset="shapes"),
+              log=lambda *a: None)
+    message = str(err.value)
+    for difference in ("width 0.03125 -> 0.0625", "model 'fcn8s' -> 'fcn16s'", "image-size 16 -> 24"):
+        assert difference in message, message
+    assert "dataset" not in message.split("now):")[1]  # unchanged settings are not listed
+    assert folder_bytes(split) == before
+
+
+# -- data that cannot be learned from --------------------------------------------------------
+
+def write_masks(root, split, masks):
+    """One random image per mask (a list of uint8 arrays)."""
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, mask in enumerate(masks):
+        Image.fromarray(rng.integers(0, 256, (*mask.shape, 3), dtype=np.uint8)).save(root / split / "images" / f"m{i}.png")
+        Image.fromarray(mask).save(root / split / "masks" / f"m{i}.png")
+
+
+def test_all_ignore_masks_are_refused(tmp_path, no_steps):
+    write_masks(tmp_path / "data", "train", [np.full((16, 16), 255, np.uint8)] * 2)
+    write_masks(tmp_path / "data", "val", [np.full((16, 16), 255, np.uint8)])
+    with pytest.raises(DatasetError, match=r"every pixel of its 2 training mask\(s\) is 255 \(ignore\)"):
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+
+
+def test_all_background_masks_are_refused(tmp_path, no_steps):
+    write_masks(tmp_path / "data", "train", [np.zeros((16, 16), np.uint8)] * 2)
+    write_masks(tmp_path / "data", "val", [np.zeros((16, 16), np.uint8)])
+    with pytest.raises(DatasetError, match=r"every labelled pixel .* is class 0 \(512 pixels\).*two classes"):
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+
+
+def test_a_stray_label_is_named_with_its_file_and_pixel_count(tmp_path, no_steps):
+    masks = [np.random.default_rng(i).integers(0, 3, (16, 16)).astype(np.uint8) for i in range(3)]
+    masks[1][5, 6] = 200
+    write_masks(tmp_path / "data", "train", masks)
+    write_masks(tmp_path / "data", "val", masks[:1])
+    with pytest.raises(DatasetError) as err:
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+    message = str(err.value)
+    assert "201-class model" in message and "--num-classes" in message
+    assert f"value 200 (1 pixel(s), first in {tmp_path / 'data' / 'train' / 'masks' / 'm1.png'}" in message
+    # saying --num-classes 3 turns it into an ordinary out-of-range label, named with its file
+    with pytest.raises(DatasetError, match=r"m1\.png.*label value 200 >= num_classes=3"):
+        train(TrainConfig(**{**asdict_cfg(folder_cfg(tmp_path / "data", tmp_path / "out")), "num_classes": 3}),
+              log=lambda *a: None)
+
+
+def asdict_cfg(cfg):
+    from dataclasses import asdict  # noqa: PLC0415
+    return asdict(cfg)
+
+
+def test_num_classes_covers_classes_the_masks_do_not_show(tmp_path):
+    """Labels 0 and 12 only (a subset of a larger label set): inferring is refused, saying it is trains."""
+    masks = [np.where(np.random.default_rng(i).random((16, 16)) < 0.3, 12, 0).astype(np.uint8) for i in range(2)]
+    write_masks(tmp_path / "data", "train", masks)
+    write_masks(tmp_path / "data", "val", masks[:1])
+    cfg = folder_cfg(tmp_path / "data", tmp_path / "out")
+    with pytest.raises(DatasetError, match="13-class model"):
+        train(cfg, log=lambda *a: None)
+    history = train(TrainConfig(**{**asdict_cfg(cfg), "num_classes": 13}), log=lambda *a: None)
+    assert len(history[0]["per_class_iu"]) == 13

@@ -32,6 +32,21 @@ def _check_labels(labels, logits_shape, layer, num_classes, ignore_index):
     return valid
 
 
+def _check_soft_targets(targets, logits_shape, layer, ignore_index):
+    """Float targets (N, H, W) in [0, 1] (soft targets, as PyTorch's binary_cross_entropy_with_logits
+    takes) or equal to ignore_index; returns the mask of counted pixels."""
+    xp = get_array_module(targets)
+    n, _, h, w = logits_shape
+    if targets.shape != (n, h, w):
+        raise ValueError(f"{layer}: targets must have shape (N, H, W) = {(n, h, w)}, got {tuple(targets.shape)}")
+    valid = targets != ignore_index if ignore_index is not None else xp.ones(targets.shape, dtype=bool)
+    bad = valid & ~((targets >= 0) & (targets <= 1))                # NaN is outside too
+    if bool(bad.any()):
+        raise ValueError(f"{layer}: float targets must lie in [0, 1] (or equal ignore_index={ignore_index}), "
+                         f"got {float(targets[bad].ravel()[0])} at {int(bad.sum())} pixel(s)")
+    return valid
+
+
 class SoftmaxCrossEntropy(Module):
     """Softmax over channels, then the negative log-likelihood of each pixel's label.
 
@@ -57,6 +72,10 @@ class SoftmaxCrossEntropy(Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.class_weight = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
+        if self.class_weight is not None and not (np.isfinite(self.class_weight).all() and (self.class_weight >= 0).all()):
+            k = int(np.flatnonzero(~(np.isfinite(self.class_weight) & (self.class_weight >= 0)))[0])
+            raise ValueError(f"SoftmaxCrossEntropy: class_weight must be finite and >= 0, got {self.class_weight[k]} "
+                             f"for class {k}")
         self._cache = None
 
     def forward(self, logits, labels) -> float:
@@ -100,8 +119,9 @@ class SigmoidBinaryCrossEntropy(Module):
     ``loss_p = max(z, 0) - z t + log(1 + exp(-|z|))`` (stable form of
     ``-t log s(z) - (1-t) log(1 - s(z))``); ``dloss_p/dz = s(z) - t``.
 
-    Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W) with values
-    0 or 1 (or ignore_index). Reduction 'mean' over counted pixels or 'sum'.
+    Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W): integer
+    0 or 1, or float in [0, 1] (soft targets, as in PyTorch and Keras); pixels
+    equal to ignore_index are not counted. Reduction 'mean' over counted pixels or 'sum'.
     """
 
     def __init__(self, reduction: str = "mean", ignore_index: int | None = 255):
@@ -119,7 +139,10 @@ class SigmoidBinaryCrossEntropy(Module):
             if targets.shape[1] != 1:
                 raise ValueError(f"SigmoidBinaryCrossEntropy: targets must be (N, H, W) or (N, 1, H, W), got {tuple(targets.shape)}")
             targets = targets[:, 0]
-        valid = _check_labels(targets, logits.shape, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+        if getattr(getattr(targets, "dtype", None), "kind", None) == "f":
+            valid = _check_soft_targets(targets, logits.shape, "SigmoidBinaryCrossEntropy", self.ignore_index)
+        else:
+            valid = _check_labels(targets, logits.shape, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         z = logits[:, 0]
         t = xp.where(valid, targets, 0).astype(logits.dtype)
         e = xp.exp(-xp.abs(z))                                        # in (0, 1]: never overflows
