@@ -573,3 +573,157 @@ def test_num_classes_covers_classes_the_masks_do_not_show(tmp_path):
         train(cfg, log=lambda *a: None)
     history = train(TrainConfig(**{**asdict_cfg(cfg), "num_classes": 13}), log=lambda *a: None)
     assert len(history[0]["per_class_iu"]) == 13
+
+
+# -- SIGKILL at random moments: the run folder stays consistent and resumes exactly ----------------
+
+KILL_CHILD = r"""
+import sys, time
+import numpy as np
+import minifcn.train as T
+from minifcn.cli import main
+
+def mark(what):
+    print(what, flush=True)
+
+step, evaluate, savez = T.SGD.step, T.evaluate, np.savez
+
+def marked_step(self):
+    mark("STEP")
+    step(self)
+
+def marked_evaluate(*args, **kwargs):
+    mark("EVAL")
+    return evaluate(*args, **kwargs)
+
+def marked_savez(f, **arrays):
+    mark("SAVE")                # killed from here on: a partial temporary
+    savez(f, **arrays)
+    mark("SAVED")               # killed here: a full-size temporary, not yet renamed
+    time.sleep(0.03)
+
+T.SGD.step, T.evaluate, np.savez = marked_step, marked_evaluate, marked_savez
+sys.exit(main(sys.argv[1:]))
+"""
+
+KILL_RUN = dict(model="encoder-decoder", width=1 / 16, image_size=16, train_images=4, val_images=2, batch_size=2,
+                epochs=4, lr=0.05, schedule="poly", dropout=0.0, seed=5)
+
+
+def kill_run_args(out, resume):
+    flags = {"model": "--model", "width": "--width", "image_size": "--image-size", "train_images": "--train-images",
+             "val_images": "--val-images", "batch_size": "--batch-size", "epochs": "--epochs", "lr": "--lr",
+             "schedule": "--schedule", "dropout": "--dropout", "seed": "--seed"}
+    args = ["train", "--out", str(out), "--no-progress", "--device", "cpu"]
+    for name, flag in flags.items():
+        args += [flag, str(KILL_RUN[name])]
+    return args + (["--resume"] if resume else [])
+
+
+def run_child(out, resume, kill_at=None, rng=None, timeout=120):
+    """Start a training of KILL_RUN in another process; with ``kill_at=(marker, n)``, SIGKILL it a random
+    0-10 ms after its n-th ``marker`` line. Returns (killed, stdout lines)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", KILL_CHILD, *kill_run_args(out, resume)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    guard = threading.Timer(timeout, proc.kill)
+    guard.start()
+    lines, seen, killed = [], 0, False
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if kill_at and line.strip() == kill_at[0]:
+                seen += 1
+                if seen == kill_at[1]:
+                    time.sleep(rng.uniform(0, 0.01))
+                    proc.kill()
+                    proc.wait()
+                    killed = True
+                    break
+        err = proc.stderr.read()
+        code = proc.wait()
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    if not killed:
+        assert code == 0, f"exit {code}\n" + "\n".join(lines[-20:]) + err
+    return killed, lines
+
+
+def check_consistent(out):
+    """After a kill: a checkpoint (if any) loads and is finite, and metrics.jsonl is exactly its history."""
+    ckpt, metrics = out / "checkpoint.npz", out / "metrics.jsonl"
+    if not ckpt.exists():
+        assert not metrics.exists() and not (out / "best.npz").exists()
+        return 0
+    _, meta = train_module.load_trusted_checkpoint(ckpt)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in meta["history"]] == list(range(1, meta["epoch"] + 2))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in meta["history"]]
+    return meta["epoch"] + 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kill-reference") / "run"
+    return train(TrainConfig(out=str(out), **KILL_RUN, progress=False, num_preview=2), log=lambda *a: None)
+
+
+def kill_and_resume(tmp_path, uninterrupted, kills, seed):
+    """SIGKILL KILL_RUN ``kills`` times, at a step, the start of a save, a finished but unrenamed
+    temporary, or an evaluation (in turn, at a random one of the next few), resuming each time."""
+    rng = np.random.default_rng(seed)
+    phases = ["STEP", "SAVE", "SAVED", "EVAL"]
+    round_, done, temporaries_seen, cleaned = 0, 0, 0, 0
+    out = tmp_path / f"round{round_}"
+    progress = []
+    while done < kills:
+        resume = (out / "checkpoint.npz").exists()
+        killed, lines = run_child(out, resume, (phases[done % 4], int(rng.integers(1, 4))), rng)
+        cleaned += sum("left by an interrupted save" in line for line in lines)
+        if not killed:  # finished before the chosen moment: check it, then a new round
+            finish(out, uninterrupted)
+            round_ += 1
+            out = tmp_path / f"round{round_}"
+            continue
+        done += 1
+        temporaries_seen += any(p.name.startswith(".") for p in out.iterdir()) if out.exists() else 0
+        progress.append(check_consistent(out))
+    _, lines = run_child(out, (out / "checkpoint.npz").exists())  # to the end, unhurried
+    cleaned += sum("left by an interrupted save" in line for line in lines)
+    finish(out, uninterrupted)
+    return progress, temporaries_seen, cleaned
+
+
+def finish(out, uninterrupted):
+    """The run ended: same metrics, epoch by epoch, as the uninterrupted run; no temporaries left."""
+    assert check_consistent(out) == KILL_RUN["epochs"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row, ref in zip(rows, uninterrupted):
+        for key in ("train_loss", "pixel_acc", "mean_iu", "lr"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (row["epoch"], key)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, uninterrupted):
+    """20 SIGKILLs (5 each during a step, a save, a finished-but-unrenamed save and an evaluation):
+    after each the checkpoint loads, is finite and agrees with metrics.jsonl; each resumed run ends
+    with the uninterrupted run's metrics; temporaries left by killed saves are removed."""
+    progress, temporaries_seen, cleaned = kill_and_resume(tmp_path, uninterrupted, kills=20, seed=0)
+    assert len(progress) == 20
+    assert temporaries_seen >= 3 and cleaned >= temporaries_seen  # the case arose, and was cleaned up
+    assert max(progress) >= 2  # the kills landed in several epochs, not only before the first checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_many_more_times(tmp_path, uninterrupted, seed):
+    kill_and_resume(tmp_path, uninterrupted, kills=40, seed=seed)
