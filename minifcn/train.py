@@ -337,7 +337,8 @@ def prepare_run_folder(cfg: TrainConfig, log=print) -> None:
     Temporaries left by a save that was killed are deleted first. Then a
     folder holding anything is refused unless ``cfg.resume`` (its
     checkpoint.npz must exist) or ``cfg.overwrite`` (its run files are
-    deleted; other files are left alone). ``--resume`` on an empty or missing
+    deleted once the data and the model are ready, just before the first
+    step; other files are left alone). ``--resume`` on an empty or missing
     folder is an error too: there is nothing to continue.
     """
     out = cfg.out
@@ -364,11 +365,14 @@ def prepare_run_folder(cfg: TrainConfig, log=print) -> None:
         listed = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
         raise ValueError(f"the run folder {out!r} is not empty (it holds {listed}): add --resume to continue "
                          f"its run, --overwrite to replace its run files, or choose another --out")
-    for name in RUN_FILES:
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.remove(path)
-    log(f"--overwrite: replacing the run in {out}")
+
+
+def _remove_run_files(out, log) -> None:
+    removed = [name for name in RUN_FILES if os.path.isfile(os.path.join(out, name))]
+    for name in removed:
+        os.remove(os.path.join(out, name))
+    if removed:
+        log(f"--overwrite: removed {', '.join(removed)} from {out}")
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig, path) -> None:
@@ -476,6 +480,8 @@ def _train(cfg: TrainConfig, device, log):
         # metrics.jsonl as the checkpoint has it (written with it; rewritten in case an older run left more)
         atomic_write_all([(paths["metrics"], _metrics_writer(history), ".tmp")])
         log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
+    elif cfg.overwrite:
+        _remove_run_files(cfg.out, log)
     best = max((row["mean_iu"] for row in history if not math.isnan(row["mean_iu"])), default=-1.0)
 
     log(f"training {cfg.model} (width {cfg.width}, {model.num_parameters(True):,} learnable parameters) on "

@@ -353,6 +353,10 @@ def test_a_run_folder_is_refused_without_resume_or_overwrite(fcn_runs, tmp_path)
 def test_overwrite_replaces_the_run_files_and_keeps_the_rest(fcn_runs, tmp_path):
     split = copy_of_first_epoch(fcn_runs, tmp_path)
     (split / "notes.txt").write_text("mine")
+    before = folder_bytes(split)
+    with pytest.raises(DatasetError):  # a run that cannot start deletes nothing, --overwrite or not
+        train(tiny_fcn(split, overwrite=True, dataset="folder", data_dir=str(tmp_path / "none")), log=lambda *a: None)
+    assert folder_bytes(split) == before
     lines = []
     history = train(tiny_fcn(split, epochs=1, overwrite=True, seed=4), log=lines.append)
     assert any("--overwrite" in line for line in lines)

@@ -67,9 +67,9 @@ class SavedInput:
     in place between forward and backward (``y = conv(x); x[:] = 0``) would
     make backward compute the gradient of another input, silently. PyTorch
     raises there (a version counter on every tensor); NumPy arrays have none.
-    So forward keeps ``SAMPLES`` elements of the input, evenly spaced in
-    memory order from a random start (a copy of 256 numbers, whatever the
-    input's size), and backward compares them: a change raises RuntimeError.
+    So forward keeps the bytes of ``SAMPLES`` elements of the input, evenly
+    spaced in memory order from a random start (256 to 511 numbers, whatever
+    the input's size), and backward compares them: a change raises RuntimeError.
 
     What it catches: any in-place change to a run of at least ``size / 256``
     consecutive elements (in C order) that changes their values: refilling a
@@ -78,8 +78,8 @@ class SavedInput:
     pass unseen (the gradient is then off by about that change).
 
     Why not the alternatives: a copy or a checksum of the whole input reads
-    every element once more (measured: a sum over FCN-8s's 21 convolution
-    inputs takes about 5 % of a training step); making the caller's array
+    every element once more, forward and backward (for FCN-8s, 50 times the
+    sample's cost: benchmarks/RESULTS.md); making the caller's array
     read-only (``x.flags.writeable = False`` until backward) costs nothing but
     also forbids the ordinary finite-difference loop (``x[i] += eps; f(x)``,
     forward without backward), exists only in NumPy, and misses writes
@@ -96,19 +96,18 @@ class SavedInput:
         self._where = slice(self._starts.randrange(step), x.size, step)
         self._sample = self._take()
 
-    def _take(self):
+    def _take(self) -> bytes:
         x = self.array
         if x.flags.c_contiguous:
-            return x.reshape(-1)[self._where].copy()
-        xp = get_array_module(x)  # any other layout: gather the same positions
-        flat = np.arange(x.size)[self._where]
-        return x[tuple(xp.asarray(i) for i in np.unravel_index(flat, x.shape))]
+            sample = x.reshape(-1)[self._where]
+        else:  # any other layout: gather the same positions
+            flat = np.arange(x.size)[self._where]
+            sample = x[tuple(get_array_module(x).asarray(i) for i in np.unravel_index(flat, x.shape))]
+        return sample.tobytes()  # compared bit for bit: a NaN left alone is unchanged, a rewritten one too
 
     def check(self, layer: str):
         """The saved input, after checking its sample; RuntimeError naming ``layer`` if it changed."""
-        now, then = self._take(), self._sample
-        same = (now == then) | ((now != now) & (then != then))  # NaN where it was NaN counts as unchanged
-        if not bool(same.all()):
+        if self._take() != self._sample:
             raise RuntimeError(
                 f"{layer}: its input (shape {tuple(self.array.shape)}) was changed in place between forward "
                 f"and backward, so backward would compute the gradient of another input. Change the array "
