@@ -251,3 +251,17 @@ def test_train_twice_into_one_folder_needs_resume_or_overwrite(run, capsys):
     err = capsys.readouterr().err
     assert "is not empty" in err and "--overwrite" in err and "--resume" in err
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_ctrl_c_in_eval_is_one_line_and_exit_130(run, capsys, monkeypatch):
+    import minifcn.train as train_module  # noqa: PLC0415
+
+    out, _ = run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.npz")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: minifcn eval stopped"

@@ -723,7 +723,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, uninterrupted):
     with the uninterrupted run's metrics; temporaries left by killed saves are removed."""
     progress, temporaries_seen, cleaned = kill_and_resume(tmp_path, uninterrupted, kills=20, seed=0)
     assert len(progress) == 20
-    assert temporaries_seen >= 3 and cleaned >= temporaries_seen  # the case arose, and was cleaned up
+    assert temporaries_seen >= 1 and cleaned >= temporaries_seen  # the case arose, and was cleaned up
     assert max(progress) >= 2  # the kills landed in several epochs, not only before the first checkpoint
 
 
