@@ -264,8 +264,10 @@ def test_errors():
         bce(logits, np.zeros((1, 2, 2), np.int64))
     with pytest.raises(ValueError, match=r"label 2 is out of range for 2 classes"):
         bce(logits[:, :1], np.array([[[0, 1], [2, 1]]]))
-    with pytest.raises(ValueError, match=r"labels must be an integer array, got float32"):
-        bce(logits[:, :1], np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"labels must be an integer array, got complex128"):
+        bce(logits[:, :1], np.zeros((1, 2, 2), np.complex128))
+    with pytest.raises(ValueError, match=r"float targets must lie in \[0, 1\].*got 2.0"):  # float: soft targets
+        bce(logits[:, :1], np.array([[[0, 1], [2, 0.5]]], np.float32))
 
 
 @pytest.mark.parametrize("weight", [[1.0, -0.5, 2.0], [1.0, float("nan"), 1.0], [float("inf"), 1.0, 1.0]])
