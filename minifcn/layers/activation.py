@@ -74,11 +74,16 @@ def hashed_keep_mask(seed: int, size: int, threshold: int, scale, xp=np, dtype=n
                                     "minifcn_dropout_mask")
         kernel(np.uint64(seed), np.uint64(threshold), dtype.type(scale), mask)
         return mask
+    bits = splitmix64(seed, size)
+    return np.where((bits >> np.uint64(40)) >= np.uint64(threshold), dtype.type(scale), dtype.type(0))
+
+
+def splitmix64(seed: int, size: int):
+    """Outputs 1 .. size of Vigna's SplitMix64 started at ``seed`` (uint64, NumPy; wrapping arithmetic)."""
     z = np.uint64(seed) + (np.arange(size, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
-    z = z ^ (z >> np.uint64(31))
-    return np.where((z >> np.uint64(40)) >= np.uint64(threshold), dtype.type(scale), dtype.type(0))
+    return z ^ (z >> np.uint64(31))
 
 
 class Dropout(Module):

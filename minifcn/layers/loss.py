@@ -23,7 +23,6 @@ def _label_masks(labels, logits, layer, num_classes, ignore_index):
     then raises :func:`_raise_bad_label`. Bad pixels are left out of
     ``counted``, so the arithmetic before that check never indexes out of range.
     """
-    xp = get_array_module(labels)
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iub":
         kind = getattr(getattr(labels, "dtype", None), "name", type(labels).__name__)
         raise ValueError(f"{layer}: labels must be an integer array, got {kind}")
