@@ -65,8 +65,8 @@ def check_device(device: str | None) -> str:
     if name == "gpu" and not gpu_available():
         raise RuntimeError(
             "device 'gpu' was requested but CuPy with a visible CUDA device is not "
-            "available; install the GPU extra (pip install 'minifcn[gpu]') on a machine "
-            "with an NVIDIA GPU, or use device='cpu'"
+            "available; install the GPU extra on a machine with an NVIDIA GPU (pip install 'minifcn[gpu]' "
+            "for a CUDA 12 driver, 'minifcn[gpu-cuda13]' for CUDA 13; see docs/gpu.md), or use device='cpu'"
         )
     return name
 
