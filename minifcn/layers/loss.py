@@ -101,8 +101,9 @@ class SoftmaxCrossEntropy(Module):
     def backward(self, scale: float = 1.0):
         """Returns dlogits (N, C, H, W) = scale * norm * weight * (softmax - onehot).
 
-        One element-wise pass over (N, C, H, W): ``onehot`` is the comparison of
-        each channel's index with the pixel's label, never materialised as floats.
+        Element-wise over (N, C, H, W): ``onehot`` is the boolean comparison of
+        each channel's index with the pixel's label, so there is no gather or
+        scatter (CuPy has ``put_along_axis`` only from v14).
         """
         prob, safe, weight, norm = need_forward(self._cache, "SoftmaxCrossEntropy")
         xp = get_array_module(prob)
