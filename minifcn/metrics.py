@@ -41,7 +41,8 @@ def count_bins(index, length: int):
     if xp is np:
         return np.bincount(index, minlength=length)
     counts = xp.zeros(length, dtype=xp.uint64)
-    elementwise_kernel("int64 index", "raw uint64 counts", _COUNT_OPERATION, "minifcn_count_bins")(index, counts)
+    kernel = elementwise_kernel("int64 index", "raw uint64 counts", _COUNT_OPERATION, "minifcn_count_bins")
+    kernel(index.astype(xp.int64, copy=False), counts)
     return counts
 
 
