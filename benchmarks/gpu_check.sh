@@ -15,7 +15,7 @@
 #    metrics.jsonl  its per-epoch seconds and scores, to set beside the CPU's.
 #
 # Each step has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT, TRAIN_TIMEOUT seconds), so one that
-# hangs cannot take the others' time; the defaults add up to under 10 minutes. The exit status is
+# hangs cannot take the others' time; the defaults (240 + 150 + 90 s) add up to 8 minutes. The exit status is
 # the tests' (0: all passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,16 +43,16 @@ EOF
 cat "$OUT/env.txt"
 
 echo "== gpu-marked tests"
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -n 8 -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -n 8 -m gpu -p no:cacheprovider --durations=10 tests 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== bench_fcn.py --device gpu"
-timeout "${BENCH_TIMEOUT:-170}" "$PY" benchmarks/bench_fcn.py --device gpu --cases 500,small --rounds 5 --layers \
+timeout "${BENCH_TIMEOUT:-150}" "$PY" benchmarks/bench_fcn.py --device gpu --cases 500,small --rounds 5 --layers \
     2>&1 | tee "$OUT/bench.log"
 
 echo "== the README's training command on the GPU (${TRAIN_EPOCHS:-1} epochs)"
 run_dir="$(mktemp -d)/shapes-fcn8s-gpu"
-timeout "${TRAIN_TIMEOUT:-110}" "$PY" -m minifcn train --device gpu --epochs "${TRAIN_EPOCHS:-1}" --no-progress \
+timeout "${TRAIN_TIMEOUT:-90}" "$PY" -m minifcn train --device gpu --epochs "${TRAIN_EPOCHS:-1}" --no-progress \
     --out "$run_dir" 2>&1 | tee "$OUT/train.log"
 cp "$run_dir/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null || echo "no metrics.jsonl written" | tee -a "$OUT/train.log"
 
