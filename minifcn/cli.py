@@ -49,7 +49,7 @@ def _add_train(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run files of a non-empty OUT (without it, or --resume, OUT must be empty)")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="folder datasets: the number of classes (default: the largest mask value + 1)")
+                   help="folder datasets: the number of classes (None: the largest mask value + 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
