@@ -1,13 +1,15 @@
 """The ``minifcn`` command line: train, eval, predict, gradcheck.
 
-Run ``minifcn --help`` or ``python -m minifcn --help``.
+Run ``minifcn --help`` or ``python -m minifcn --help``. ``mpiexec -n N minifcn train ...``
+trains one model on N processes (docs/data_parallel.md).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
+
+from .distributed import fail, world
 
 
 def _add_train(sub):
@@ -43,6 +45,7 @@ def _add_train(sub):
     p.add_argument("--bgr", action="store_true", help="feed BGR (Caffe-converted weights)")
     p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="parameters and inputs")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,15 +63,14 @@ def cmd_train(args):
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
                       bgr=args.bgr,
-                      vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
+                      vgg_weights=args.vgg_weights, device=check_device(args.device), dtype=args.dtype, seed=args.seed,
                       resume=args.resume, progress=not args.no_progress)
     start = time.perf_counter()
     try:
         history = train(cfg)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    if history:
+        return fail(f"error: {exc}", 3)
+    if history and world().rank == 0:
         best = max(history, key=lambda r: r["mean_iu"])
         print(f"done in {time.perf_counter() - start:.0f} s: best mean IU {best['mean_iu']:.4f} at epoch "
               f"{best['epoch']}; see {cfg.out}/ (metrics.jsonl, loss.png, predictions.png, best.npz)")
@@ -210,5 +212,5 @@ def main(argv=None):
         return handlers[args.command](args)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         # Bad input (a corrupt checkpoint, a missing dataset, a label out of range...): one clear line.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # Under MPI the failing rank's message, then every rank stops (no rank is left waiting).
+        return fail(f"error: {exc}", 2)

@@ -2,6 +2,10 @@
 
 ``forward(logits, labels)`` returns the loss as a Python float and keeps what
 ``backward()`` needs; ``backward(scale=1.0)`` returns d(scale * loss)/dlogits.
+Each forward also keeps ``loss_sum`` (the weighted sum of the pixel losses)
+and ``count`` (the weighted number of counted pixels, the divisor of
+'mean'): training over several processes adds these up across them
+(:func:`minifcn.distributed.global_loss`).
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ class SoftmaxCrossEntropy(Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.class_weight = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
-        self._cache = None
+        self._cache = self.loss_sum = self.count = None
 
     def forward(self, logits, labels) -> float:
         check_nchw(logits, "SoftmaxCrossEntropy")
@@ -78,7 +82,8 @@ class SoftmaxCrossEntropy(Module):
         total = weight.sum()
         norm = (1.0 / float(total) if float(total) > 0 else 0.0) if self.reduction == "mean" else 1.0
         self._cache = (exp / sumexp, safe, weight, norm)
-        return float((pixel_loss * weight).sum()) * norm
+        self.loss_sum, self.count = float((pixel_loss * weight).sum()), float(total)
+        return self.loss_sum * norm
 
     def backward(self, scale: float = 1.0):
         """Returns dlogits (N, C, H, W) = scale * norm * weight * (softmax - onehot)."""
@@ -110,7 +115,7 @@ class SigmoidBinaryCrossEntropy(Module):
             raise ValueError(f"SigmoidBinaryCrossEntropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
-        self._cache = None
+        self._cache = self.loss_sum = self.count = None
 
     def forward(self, logits, targets) -> float:
         check_nchw(logits, "SigmoidBinaryCrossEntropy", 1)
@@ -129,7 +134,8 @@ class SigmoidBinaryCrossEntropy(Module):
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
         prob = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))             # sigmoid(z) without exp(-z)
         self._cache = (prob, t, weight, norm)
-        return float((pixel_loss * weight).sum()) * norm
+        self.loss_sum, self.count = float((pixel_loss * weight).sum()), count
+        return self.loss_sum * norm
 
     def backward(self, scale: float = 1.0):
         """Returns dlogits (N, 1, H, W) = scale * norm * weight * (sigmoid(z) - t)."""
