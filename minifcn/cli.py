@@ -9,7 +9,7 @@ import argparse
 import os
 import time
 
-from .distributed import fail, world
+from .distributed import fail, launched_size, world
 
 
 def _add_train(sub):
@@ -205,7 +205,12 @@ def main(argv=None):
     p.add_argument("--mode", choices=("elementwise", "random"), default="elementwise")
     p.add_argument("--tol", type=float, default=1e-6)
     _add_explain(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage; under MPI stop the other ranks too
+        if exc.code and launched_size() is not None:
+            return fail("error: invalid command line (see the usage above)", exc.code)
+        raise
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck,
                 "explain": cmd_explain}
     try:

@@ -101,7 +101,13 @@ def world():
 def fail(message: str, code: int) -> int:
     """Report a failure of this process: print ``message`` and return ``code`` for its exit; under MPI,
     name the rank and stop every rank of the job (:meth:`MPICommunicator.abort`)."""
-    return (_WORLD or SingleProcess()).abort(message, code)
+    comm = _WORLD
+    if comm is None and launched_size() is not None:  # failed before training asked for the communicator
+        try:
+            comm = world()
+        except RuntimeError:  # no mpi4py: this process cannot stop the others; it can only say why
+            comm = None
+    return (comm or SingleProcess()).abort(message, code)
 
 
 def global_loss(comm, loss_fn):

@@ -362,6 +362,7 @@ def train(cfg: TrainConfig, log=print, comm=None):
             plot_curves(history, os.path.join(cfg.out, "loss.png"))
             write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
                               cfg.num_preview, device)
+        comm.barrier()  # the epoch's files are whole on disk before any rank goes on (and may fail)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  pixel acc {row['pixel_acc']:.4f}  "
             f"mean IU {row['mean_iu']:.4f}  fw IU {row['fwiu']:.4f}  ({row['seconds']:.1f} s)")
     return history
