@@ -225,7 +225,8 @@ def mpi_skip_reason():
         elif _mpiexec() is None:
             reason = "no MPI runtime: mpiexec is neither beside this Python nor on PATH (pip install -e '.[mpi]')"
         else:
-            code = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.allreduce(1), c.Get_size())"
+            code = ("from mpi4py import MPI; c = MPI.COMM_WORLD; total = c.allreduce(1)\n"
+                    "if c.Get_rank() == 0: print(total, c.Get_size())")  # one rank prints: no interleaved lines
             try:
                 out = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", code], env=_subprocess_env(),
                                      capture_output=True, text=True, timeout=60)
@@ -239,8 +240,11 @@ def mpi_skip_reason():
 
 @pytest.fixture
 def mpi():
-    """``mpi(args, ranks=2)``: run ``mpiexec -n ranks <args>`` and return (completed process, seconds)."""
+    """``mpi(args, ranks=2)``: run ``mpiexec -n ranks <args>`` and return (completed process, seconds).
+    Skips where MPI is missing; fails instead where ``MINIFCN_REQUIRE_MPI=1`` (CI, after installing the extra)."""
     reason = mpi_skip_reason()
+    if reason and os.environ.get("MINIFCN_REQUIRE_MPI") == "1":
+        pytest.fail(f"MINIFCN_REQUIRE_MPI=1 but {reason}")
     if reason:
         pytest.skip(reason)
 
@@ -290,6 +294,71 @@ def nan_equal(a, b, rel):
     if a is None or b is None:  # NaN is written as null
         return a is None and b is None
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-300)
+
+
+COLLECTIVES = """
+import numpy as np
+from minifcn import Parameter
+from minifcn.distributed import LaunchMismatch, MPICommunicator, world
+
+comm = world()
+assert isinstance(comm, MPICommunicator) and comm.size == 2, comm
+r = comm.rank
+
+# broadcast: every rank ends with rank 0's values, whatever the dtype
+arrays = [np.full((2, 3), 10.0 + r), np.full(4, r, np.int64), np.full(5, 0.5 + r, np.float32)]
+comm.broadcast_arrays(arrays)
+assert all((a == b).all() for a, b in zip(arrays, [np.full((2, 3), 10.0), np.zeros(4), np.full(5, 0.5)]))
+assert comm.broadcast_object({"rank": r}) == {"rank": 0}
+
+# sums: a confusion matrix (int64, in place) and the loss totals (a copy)
+matrix = np.arange(9, dtype=np.int64).reshape(3, 3) * (r + 1)
+assert comm.allreduce_sum_(matrix) is matrix and (matrix == 3 * np.arange(9).reshape(3, 3)).all()
+totals = np.array([1.5, 2.0 + r])
+assert (comm.allreduce_sum(totals) == [3.0, 5.0]).all() and totals[1] == 2.0 + r
+
+# gradient averages: both routes give the mean of the ranks' gradients; a frozen gradient is not touched
+def params():
+    shapes = [(4, 3, 3, 3), (4,), (6, 4, 1, 1), (6,), (3, 6, 3, 3)]
+    out = [Parameter(np.zeros(s), trainable=(i != 2)) for i, s in enumerate(shapes)]
+    for i, p in enumerate(out):
+        p.grad[...] = (r + 1) * np.arange(p.size).reshape(p.shape) + i
+    return out
+
+for route, cap in (("buckets", 8 * 150), ("buckets", 1 << 30), ("per-parameter", 1)):
+    ps = params()
+    average = comm.gradient_averager(ps, route, cap)
+    if route == "buckets":
+        assert len(average.buckets.buffers()) == (2 if cap < 1 << 20 else 1), len(average.buckets.buffers())
+    average()
+    for i, p in enumerate(ps):
+        expected = (r + 1) * np.arange(p.size).reshape(p.shape) + i if i == 2 else \
+            1.5 * np.arange(p.size).reshape(p.shape) + i
+        assert (p.grad == expected).all(), (route, i)
+
+# start-up check: equal descriptions pass, different ones raise on every rank
+comm.check_same({"width": 0.125, "data": [1, 2]})
+try:
+    comm.check_same({"width": 0.125 * (r + 1)})
+    raise AssertionError("no LaunchMismatch")
+except LaunchMismatch as exc:
+    assert "rank 1 has width = 0.25 where rank 0 has 0.125" in str(exc), exc
+ranks = comm.comm.gather(r, root=0)
+if r == 0:
+    print("ok", *ranks)
+"""
+
+
+@pytest.mark.mpi
+def test_collectives_on_two_ranks(mpi, tmp_path):
+    """The communicator's operations under mpiexec -n 2: broadcasts, sums, both gradient routes (the
+    buckets at two caps and one call per parameter) give the mean, frozen gradients untouched, the
+    start-up check."""
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    out, _ = mpi([sys.executable, str(script)], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "0", "1"]
 
 
 @pytest.mark.mpi
