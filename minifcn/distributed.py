@@ -14,7 +14,7 @@ gets:
   exactly as without this module. So the training loop has no
   ``if distributed:`` branches.
 * :class:`MPICommunicator` (a wrapper of ``mpi4py``'s ``MPI.COMM_WORLD``) when
-  a launcher started it (``mpiexec`` / ``mpirun`` / ``srun`` set one of
+  a launcher started it (``mpiexec`` / ``mpirun`` / ``srun --mpi=pmi2`` set one of
   :data:`LAUNCHER_SIZE_VARIABLES`). mpi4py comes with the optional extra
   ``pip install 'minifcn[mpi]'``; importing minifcn never needs it.
 
@@ -58,8 +58,9 @@ GRADIENT_ROUTES = ("buckets", "per-parameter")
 BUCKET_BYTES = 64 << 20  # gradient bucket cap; Horovod's default fusion buffer is 64 MiB too
 
 # Environment variables through which MPI launchers tell a process how many ranks the job has:
-# MPICH and Intel MPI (Hydra), Open MPI, MVAPICH, PMIx-based launchers.
-LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+# MPICH and Intel MPI (Hydra; Slurm's srun --mpi=pmi2 too), Open MPI, MVAPICH. Only whether to load mpi4py is
+# decided from them; the job's size and this process's rank come from MPI itself.
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 MPI_MISSING = ("this process was started by an MPI launcher ({variable}={size}) but mpi4py cannot be imported "
                "({error}); install the MPI extra: pip install 'minifcn[mpi]' (mpi4py and an MPI runtime)")

@@ -24,8 +24,8 @@ from PIL import Image
 
 from minifcn.checkpoint import load_checkpoint
 from minifcn.data import DataLoader, get_dataset
-from minifcn.distributed import (GradientBuckets, SingleProcess, global_loss, launched_size, mismatch_message,
-                                 world)
+from minifcn.distributed import (LAUNCHER_SIZE_VARIABLES, GradientBuckets, SingleProcess, global_loss, launched_size,
+                                 mismatch_message, world)
 from minifcn.layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from minifcn.models import build_model
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- without MPI ---------------------------------------------------------------------------
 
 def test_world_is_the_stand_in_without_a_launcher(monkeypatch):
-    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE"):
+    for name in LAUNCHER_SIZE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert launched_size() is None
     comm = world()
@@ -52,7 +52,7 @@ def test_world_is_the_stand_in_without_a_launcher(monkeypatch):
 def test_importing_minifcn_never_imports_mpi4py():
     code = ("import sys, minifcn, minifcn.train, minifcn.cli, minifcn.distributed as d; d.world(); "
             "print('mpi4py' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SIZE_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -207,7 +207,7 @@ def _mpiexec():
 
 
 def _subprocess_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MV2_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "MV2_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["MINIFCN_NUM_THREADS"] = "1"  # two ranks on a small machine: one band thread each
     return env
