@@ -502,3 +502,20 @@ def test_ranks_started_with_different_widths_are_refused_at_start_up(mpi, tmp_pa
     assert "rank 1 has config.width = 0.125 where rank 0 has 0.0625" in out.stderr
     assert "parameters.conv1.weight" in out.stderr  # the model sizes differ too
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+@pytest.mark.mpi
+def test_bench_distributed_prints_its_tables(mpi):
+    """benchmarks/bench_distributed.py, both parts at a toy size: the three step rows and the routes."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_distributed.py"), "--steps", "1",
+                          "--warmup", "1", "--image-size", "32", "--rounds", "1", "--widths", "0.0625"],
+                         cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    steps = [line for line in lines if line.startswith(("1 process", "2 ranks"))]
+    assert [s.split()[:4] for s in steps] == [["1", "process,", "batch", "1"], ["1", "process,", "batch", "2"],
+                                              ["2", "ranks", "x", "batch"]]
+    assert float(steps[2].split()[-1]) > 0  # bytes reduced per step by the 2 ranks
+    routes = [line for line in lines if line.startswith("width 0.0625") and "GB" not in line]
+    assert len(routes) == 3 + 2  # three routes, then two rows of the between-machines table
