@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import traceback
 
 import numpy as np
 
@@ -56,6 +58,7 @@ from .backend import get_array_module, to_numpy
 
 GRADIENT_ROUTES = ("buckets", "per-parameter")
 BUCKET_BYTES = 64 << 20  # gradient bucket cap; Horovod's default fusion buffer is 64 MiB too
+ABORT_GRACE_S = 1.0      # between a failing rank's message and MPI_Abort: time for mpiexec to pass the message on
 
 # Environment variables through which MPI launchers tell a process how many ranks the job has:
 # MPICH and Intel MPI (Hydra; Slurm's srun --mpi=pmi2 too), Open MPI, MVAPICH. Only whether to load mpi4py is
@@ -299,9 +302,9 @@ class SingleProcess:
     def bind_device(self, device: str) -> None:
         """Make this rank use its own GPU (by node-local rank) when ``device`` is 'gpu'."""
 
-    def abort(self, message: str, code: int) -> int:
-        """Report a failure: print ``message`` to stderr and return ``code`` (the process exits with it)."""
-        print(message, file=sys.stderr)
+    def abort(self, message: str, code: int, detail: str = "") -> int:
+        """Report a failure: print ``detail`` and ``message`` to stderr and return ``code`` (to exit with)."""
+        print(f"{detail}{message}", file=sys.stderr)
         return code
 
 
@@ -335,14 +338,16 @@ class MPICommunicator(SingleProcess):
 
     # -- failures -------------------------------------------------------------
     def _abort_on_uncaught(self, kind, exc, tb):
-        sys.__excepthook__(kind, exc, tb)
-        self.abort(f"rank {self.rank} of {self.size}: uncaught {kind.__name__}; stopping every rank", 1)
+        trace = "".join(traceback.format_exception(kind, exc, tb))
+        self.abort(f"uncaught {kind.__name__}; stopping every rank", 1, detail=trace)
 
-    def abort(self, message: str, code: int) -> int:
-        """Print ``message`` (naming this rank) and end every rank of the job with exit code ``code``."""
+    def abort(self, message: str, code: int, detail: str = "") -> int:
+        """Print ``detail`` (a traceback) and ``message`` naming this rank, then end every rank of the job
+        with exit code ``code``."""
         sys.stdout.flush()
-        print(message if message.startswith("rank ") else f"rank {self.rank} of {self.size}: {message}",
-              file=sys.stderr, flush=True)
+        sys.stderr.write(f"{detail}rank {self.rank} of {self.size}: {message}\n")  # one write: not interleaved
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # the launcher stops forwarding output once it learns of the abort
         self.comm.Abort(int(code) or 1)
         return code  # not reached
 
