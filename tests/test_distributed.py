@@ -519,3 +519,20 @@ def test_bench_distributed_prints_its_tables(mpi):
     assert float(steps[2].split()[-1]) > 0  # bytes reduced per step by the 2 ranks
     routes = [line for line in lines if line.startswith("width 0.0625") and "GB" not in line]
     assert len(routes) == 3 + 2  # three routes, then two rows of the between-machines table
+
+
+def test_ranks_draw_their_own_dropout_masks():
+    """Rank r > 0 reseeds each Dropout from (seed, rank, epoch): ranks differ, a (rank, epoch) repeats."""
+    from minifcn.train import _rank_dropout_streams  # noqa: PLC0415
+
+    def masks(rank, epoch):
+        model = build_model("fcn8s", num_classes=2, width=1 / 32, dropout=0.5)
+        _rank_dropout_streams(model, seed=0, rank=rank, epoch=epoch)
+        return [m.rng.random(8) for _, m in model.named_modules() if type(m).__name__ == "Dropout"]
+
+    first, second, again, later = masks(1, 0), masks(2, 0), masks(1, 0), masks(1, 3)
+    assert len(first) == 2  # drop6, drop7
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not any((a == b).all() for a, b in zip(first, second))
+    assert not any((a == b).all() for a, b in zip(first, later))
+    assert not (first[0] == first[1]).all()  # and the two layers differ from each other
