@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from minifcn.backend import device_of, to_device
 from minifcn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefix
 
 
@@ -21,10 +22,13 @@ def sample():
     return arrays, meta
 
 
-def test_round_trip(tmp_path):
+def test_round_trip(tmp_path, device):
+    """Arrays saved from either device come back as NumPy arrays, bit for bit."""
     arrays, meta = sample()
     path = tmp_path / "sub" / "ckpt.npz"  # the folder is created
-    assert save_checkpoint(path, arrays, meta) == str(path)
+    on_device = {k: to_device(v, device) for k, v in arrays.items()}
+    assert {device_of(v) for v in on_device.values()} == {device}
+    assert save_checkpoint(path, on_device, meta) == str(path)
     loaded, meta2 = load_checkpoint(path)
     assert meta2 == meta
     assert sorted(loaded) == sorted(arrays)
@@ -152,3 +156,21 @@ def test_checkpoint_gets_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_random_file_is_not_called_pickled_data(tmp_path, seed):
+    """NumPy reads a file that is neither .npz nor .npy as a pickle, and its error advises allow_pickle=True:
+    the message must say what the file is not, and never suggest unpickling."""
+    path = tmp_path / "random.npz"
+    path.write_bytes(np.random.default_rng(seed).bytes(5000))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "not an .npz archive" in str(err.value) and "pickle" not in str(err.value).lower()
+
+
+def test_first_nonfinite_names_the_first_bad_array():
+    from minifcn.checkpoint import first_nonfinite  # noqa: PLC0415
+    arrays = {"a": np.ones(3), "n": np.arange(3), "b": np.array([1.0, np.inf, np.nan]), "c": np.array([np.nan])}
+    assert first_nonfinite(arrays) == ("b", 2)
+    assert first_nonfinite({"a": np.ones(2, np.float32)}) is None
