@@ -58,7 +58,8 @@ def main(argv=None):
                     busy = (subprocess.Popen([sys.executable, "-c", "while 1: pass"])
                             if condition != "alone" else None)
                     try:
-                        seconds = timed_run(args.steps, args.image_size, value, os.path.join(tmp, "run"))
+                        out = os.path.join(tmp, f"run{sum(map(len, times.values()))}")  # a fresh run folder each time
+                        seconds = timed_run(args.steps, args.image_size, value, out)
                         times[setting, condition].append(seconds)
                         print(f"{setting}, {condition}: {seconds:.1f} s", flush=True)  # each run as it ends
                     finally:
