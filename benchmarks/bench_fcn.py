@@ -11,7 +11,7 @@ minifcn, and the table shows both medians and the ratio. With
 processes each, alternating; their medians go in a second table.
 
     python benchmarks/bench_fcn.py                 # the default cases, CPU
-    python benchmarks/bench_fcn.py --cases recipe --processes 5   # the training command's step, also one framework per process
+    python benchmarks/bench_fcn.py --cases recipe --processes 5   # also each framework in its own process
     python benchmarks/bench_fcn.py --cases 224 --rounds 3 --layers
     python benchmarks/bench_fcn.py --memory        # peak memory of a step, each framework in a child process
     python benchmarks/bench_fcn.py --cases small --one-band-thread   # minifcn's band threads on and off

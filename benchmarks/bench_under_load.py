@@ -73,8 +73,8 @@ def main(argv=None):
         rows.append((setting, alone, loaded, loaded / alone,
                      " ".join(f"{t:.1f}" for t in times[setting, "alone"]),
                      " ".join(f"{t:.1f}" for t in times[setting, CONDITIONS[1]])))
-    print(f"\n{args.steps} training steps (batch 1, {args.image_size} x {args.image_size}) + 16 held-out images, wall seconds, "
-          f"medians of {args.rounds} rounds")
+    print(f"\n{args.steps} training steps (batch 1, {args.image_size} x {args.image_size}) + 16 held-out images, "
+          f"wall seconds, medians of {args.rounds} rounds")
     print_table(("idle BLAS threads", "alone s", "beside busy s", "busy / alone", "alone runs", "busy runs"), rows,
                 (None, ".1f", ".1f", ".2f", None, None))
 
