@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name, *args, timeout=300):
+def run_example(name, *args, timeout=300, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MINIFCN_DEVICE="cpu")
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{name} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
@@ -48,6 +48,26 @@ def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert scripts == {"transposed_conv_backprop.py", "gradcheck_layers.py", "train_fcn_shapes.py",
                        "upsampling_compare.py", "fcn_stages.py"}
+
+
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_examples_write_only_under_runs_examples(name, tmp_path):
+    """With its default folders, an example writes under runs/examples/ of the working directory and nowhere
+    else: never into runs/shapes-fcn8s, the run folder of the README's main command (a fake one is planted)."""
+    main_run = tmp_path / "runs" / "shapes-fcn8s"
+    main_run.mkdir(parents=True)
+    (main_run / "best.npz").write_bytes(b"the README's trained model")
+    before = {p for p in tmp_path.rglob("*")}
+    run_example(name, cwd=tmp_path)
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert written, f"{name} wrote nothing"
+    outside = [str(p.relative_to(tmp_path)) for p in written if not p.is_relative_to(tmp_path / "runs" / "examples")]
+    assert not outside, f"{name} wrote outside runs/examples/: {outside}"
+    assert (main_run / "best.npz").read_bytes() == b"the README's trained model"
+    assert sorted(os.listdir(main_run)) == ["best.npz"]
 
 
 def test_transposed_conv_backprop(tmp_path):
