@@ -42,6 +42,9 @@ def _add_train(sub):
                    help="loss weight per class from the training set's pixel counts (median-frequency balancing)")
     p.add_argument("--bgr", action="store_true", help="feed BGR (Caffe-converted weights)")
     p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the parameters of this checkpoint whose name and shape match "
+                        "(staged training: fcn16s from an fcn32s run's best.npz, fcn8s from fcn16s)")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
@@ -60,7 +63,7 @@ def cmd_train(args):
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
                       bgr=args.bgr,
-                      vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
+                      vgg_weights=args.vgg_weights, init_from=args.init_from, device=check_device(args.device), seed=args.seed,
                       resume=args.resume, progress=not args.no_progress)
     start = time.perf_counter()
     try:

@@ -72,6 +72,7 @@ class TrainConfig:
     class_weight: str = "none"     # loss weight per class: none, balanced or sqrt-balanced (see class_weights)
     bgr: bool = False
     vgg_weights: str | None = None
+    init_from: str | None = None   # a checkpoint whose parameters of the same name and shape start this model (staged training)
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
@@ -185,6 +186,47 @@ def load_model(path, device: str = "cpu"):
     return model.to(check_device(device)), meta
 
 
+def init_from_checkpoint(model, path):
+    """Copy into ``model`` every parameter of the checkpoint at ``path`` whose name and shape match.
+
+    This is the reference's staged training (FCN-32s -> FCN-16s -> FCN-8s):
+    a finer model starts from the coarser one's backbone and score_fr, and its
+    new layers (score_pool4, upscore2, ...) keep their initialisation (zero
+    score layers, bilinear upsampling), so it begins by predicting what the
+    coarser model predicted. Returns ``(copied, new, mismatched)`` name lists:
+    copied from the checkpoint, kept as initialised (absent from it), and kept
+    as initialised because the checkpoint's shape differs (e.g. another number
+    of classes). Raises CheckpointError if nothing can be copied. The file is
+    read by :func:`minifcn.checkpoint.load_checkpoint` (never unpickled).
+    """
+    arrays, _ = load_checkpoint(path)
+    saved = split_prefix(arrays, "model")
+    own = dict(model.named_parameters())
+    copied = [k for k in own if k in saved and tuple(saved[k].shape) == tuple(own[k].shape)]
+    mismatched = [k for k in own if k in saved and k not in copied]
+    new = [k for k in own if k not in saved]
+    if not copied:
+        shapes = "; ".join(f"{k}: {tuple(saved[k].shape)} here {tuple(own[k].shape)}" for k in mismatched[:3])
+        raise CheckpointError(f"--init-from {os.fspath(path)!r} shares no parameter of the same name and shape "
+                              f"with this {type(model).__name__} ({len(saved)} arrays in the checkpoint"
+                              + (f", shapes differ: {shapes}" if shapes else ", no name in common") + ")")
+    model.load_state_dict({k: saved[k] for k in copied}, strict=False)
+    return copied, new, mismatched
+
+
+def _layers(names, model):
+    """Parameter names -> 'conv1_1, score_fr.bias': a layer's name where all its parameters are listed."""
+    names, out = set(names), {}
+    for name, _ in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        out.setdefault(layer, []).append(name)
+    parts = []
+    for layer, params in out.items():
+        listed = [p for p in params if p in names]
+        parts += [layer] if len(listed) == len(params) else listed
+    return ", ".join(parts)
+
+
 def _divergence_message(loss, epoch, iteration, cfg, checkpoint):
     kept = (f"the last good checkpoint {checkpoint!r} was kept" if os.path.exists(checkpoint)
             else "no checkpoint had been written yet")
@@ -225,6 +267,12 @@ def train(cfg: TrainConfig, log=print):
     model = build_from_config(cfg, num_classes)
     if cfg.vgg_weights:
         load_vgg16_npz(model, cfg.vgg_weights)
+    resuming = cfg.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.npz"))
+    if cfg.init_from and not resuming:
+        copied, new, mismatched = init_from_checkpoint(model, cfg.init_from)
+        log(f"init from {cfg.init_from}: copied {len(copied)} parameters ({_layers(copied, model)}); "
+            f"new {len(new)} ({_layers(new, model) or 'none'})"
+            + (f"; {len(mismatched)} not copied, shape differs: {_layers(mismatched, model)}" if mismatched else ""))
     model.to(device)
     model.input_grad = False  # the images need no gradient: conv1_1 skips its largest product
     optimizer = SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -240,7 +288,7 @@ def train(cfg: TrainConfig, log=print):
     ckpt, best_path = os.path.join(cfg.out, "checkpoint.npz"), os.path.join(cfg.out, "best.npz")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     history, start_epoch = [], 0
-    if cfg.resume and os.path.exists(ckpt):
+    if resuming:
         arrays, meta = load_checkpoint(ckpt)
         model.load_state_dict(split_prefix(arrays, "model"))
         optimizer.load_state_dict(split_prefix(arrays, "optim"))
@@ -248,7 +296,8 @@ def train(cfg: TrainConfig, log=print):
         history, start_epoch = meta["history"], meta["epoch"] + 1
         with open(metrics_path, "w") as f:  # drop lines of epochs after the checkpoint (an interrupted run)
             f.writelines(strict_json(row) + "\n" for row in history)
-        log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
+        log(f"resuming from {ckpt} at epoch {start_epoch + 1}"
+            + (" (--init-from applies to a fresh start only)" if cfg.init_from else ""))
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
     best = max((row["mean_iu"] for row in history if not math.isnan(row["mean_iu"])), default=-1.0)
