@@ -5,10 +5,12 @@ first step, trains with SGD, and after each epoch evaluates on the held-out
 split and writes into ``config.out``:
 
 * ``metrics.jsonl``: one JSON line per epoch (epoch, train_loss, pixel_acc,
-  mean_acc, mean_iu, fwiu, per_class_iu, lr, seconds);
+  mean_acc, mean_iu, fwiu, per_class_iu, lr, seconds, step_loss); the scores
+  are of the held-out split, train_loss the mean and step_loss the list of the
+  epoch's per-step training losses;
 * ``checkpoint.npz`` (latest) and ``best.npz`` (best mean IU), written atomically;
-* ``loss.png`` (loss and mean IU curves) and ``predictions.png`` (images,
-  ground truth, predictions).
+* ``loss.png`` (the per-step training loss, smoothed, beside the held-out
+  scores per epoch) and ``predictions.png`` (images, ground truth, predictions).
 
 A non-finite loss stops training with :class:`TrainingDiverged`; the last
 good checkpoint on disk is left as it was.
@@ -30,7 +32,7 @@ from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
 from .models import build_model, load_vgg16_npz
 from .optim import SGD, make_schedule
-from .viz import plot_curves, prediction_grid
+from .viz import plot_training, prediction_grid
 
 
 class TrainingDiverged(RuntimeError):
@@ -331,7 +333,7 @@ def train(cfg: TrainConfig, log=print):
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "pixel_acc": scores["pixel_acc"], "mean_acc": scores["mean_acc"], "mean_iu": scores["mean_iu"],
                "fwiu": scores["fwiu"], "per_class_iu": scores["per_class_iu"], "lr": optimizer.lr,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "step_loss": [float(f"{v:.5g}") for v in losses]}
         history.append(row)
         with open(metrics_path, "a") as f:
             f.write(strict_json(row) + "\n")
@@ -339,7 +341,7 @@ def train(cfg: TrainConfig, log=print):
         if scores["mean_iu"] > best:
             best = scores["mean_iu"]
             _save(best_path, model, optimizer, cfg, epoch, history, class_names)
-        plot_curves(history, os.path.join(cfg.out, "loss.png"))
+        plot_training(history, os.path.join(cfg.out, "loss.png"))
         write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
                           cfg.num_preview, device)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  pixel acc {row['pixel_acc']:.4f}  "

@@ -77,6 +77,9 @@ def test_run_folder(learned):
     for i, row in enumerate(rows):
         assert {"epoch", "train_loss", "pixel_acc", "mean_acc", "mean_iu", "fwiu", "seconds"} <= set(row)
         assert row["epoch"] == i + 1 and row["seconds"] > 0
+        steps = row["step_loss"]  # every step's loss, for loss.png; train_loss is their mean
+        assert len(steps) == cfg.train_images // cfg.batch_size
+        assert np.mean(steps) == pytest.approx(row["train_loss"], rel=1e-4)
         for k in ("train_loss", "pixel_acc", "mean_acc", "mean_iu", "fwiu", "lr", "seconds"):
             assert row[k] == pytest.approx(history[i][k], rel=1e-12), k
         assert all(0 <= row[k] <= 1 for k in ("pixel_acc", "mean_acc", "mean_iu", "fwiu"))
