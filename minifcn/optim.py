@@ -10,10 +10,11 @@ Update of one parameter ``w`` with gradient ``g`` (PyTorch's form)::
 Loss normalisation and learning rate go together. With ``reduction='sum'``
 (the FCN reference: the loss is summed over every pixel of a whole image) the
 gradient is about (number of pixels) times larger than with ``'mean'``, so
-the reference's learning rate is 1e-10 (FCN-32s) where a per-pixel mean loss
-uses about 1e-4 to 1e-2. A mean-loss learning rate with a summed loss
-diverges (NaN); a sum-loss learning rate with a mean loss does not learn.
-:func:`suggest_lr` states the correspondence.
+the reference's learning rate is 1e-10 (FCN-32s, about 250,000 pixels per
+500 x 500 image), which is a per-pixel mean-loss rate of about 2.5e-5 (for
+fine-tuning from ImageNet weights, with momentum 0.99). A mean-loss learning
+rate with a summed loss diverges (NaN); a sum-loss learning rate with a mean
+loss does not learn. :func:`suggest_lr` converts either way.
 """
 from __future__ import annotations
 
@@ -27,13 +28,31 @@ from .module import Module, Parameter
 _CHUNK = 1 << 20  # elements updated at a time: keeps the scratch buffer small and cache-friendly
 
 
-def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float = 1e-2) -> float:
-    """The learning rate that gives the same step for a 'sum' loss as ``mean_lr`` for a 'mean' loss."""
-    if reduction == "mean":
-        return mean_lr
-    if reduction == "sum":
-        return mean_lr / max(1, int(pixels_per_batch))
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float | None = None,
+               sum_lr: float | None = None) -> float:
+    """The learning rate for a loss with ``reduction`` that takes the same steps as a given one.
+
+    Give the rate you know as ``mean_lr`` (for a per-pixel mean loss) or as
+    ``sum_lr`` (for a loss summed over the pixels, as in the FCN reference);
+    with neither, ``mean_lr=1e-2``. A summed loss's gradient is the mean
+    loss's times the number of (labelled) pixels per batch, so
+    ``sum_lr = mean_lr / pixels_per_batch``. Examples: the reference's 1e-10
+    on 500 x 500 images, ``suggest_lr('mean', 250_000, sum_lr=1e-10)``, is a
+    mean-loss rate of 2.5e-5; ``suggest_lr('sum', 128 * 128, mean_lr=0.01)``
+    is 6.1e-7.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mean_lr is not None and sum_lr is not None:
+        raise ValueError(f"give mean_lr or sum_lr, not both (got {mean_lr} and {sum_lr})")
+    pixels = int(pixels_per_batch)
+    if pixels < 1:
+        raise ValueError(f"pixels_per_batch must be >= 1, got {pixels_per_batch}")
+    if sum_lr is not None:
+        mean_lr = sum_lr * pixels
+    elif mean_lr is None:
+        mean_lr = 1e-2
+    return mean_lr if reduction == "mean" else mean_lr / pixels
 
 
 class SGD:

@@ -211,5 +211,13 @@ def test_suggest_lr_relates_sum_and_mean_losses():
     assert suggest_lr("mean", 250_000, mean_lr=1e-2) == 1e-2
     assert suggest_lr("sum", 250_000, mean_lr=1e-2) == pytest.approx(4e-8)
     assert math.isclose(suggest_lr("sum", 500 * 500, mean_lr=2.5e-5), 1e-10)  # the reference's 1e-10
+    assert math.isclose(suggest_lr("mean", 500 * 500, sum_lr=1e-10), 2.5e-5)   # and back: the reference as a mean
+    assert math.isclose(suggest_lr("sum", 500 * 500, sum_lr=1e-10), 1e-10)
+    assert math.isclose(suggest_lr("sum", 128 * 128, mean_lr=0.01), 0.01 / 16384)
+    assert suggest_lr("mean", 10) == 1e-2                                            # neither given
+    with pytest.raises(ValueError, match="not both"):
+        suggest_lr("mean", 10, mean_lr=1e-2, sum_lr=1e-9)
+    with pytest.raises(ValueError, match="pixels_per_batch"):
+        suggest_lr("sum", 0, mean_lr=1e-2)
     with pytest.raises(ValueError, match="'none'"):
         suggest_lr("none", 10)
