@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,3 +131,25 @@ def test_fcn_stages_from_checkpoint(tmp_path):
     assert "trained in" not in out
     assert number_after(out, "equals model(x): max |difference|") == 0.0
     assert_png(tmp_path / "fcn_stages.png")
+
+
+def test_figure_titles_never_overlap():
+    """fcn_stages.py's titles over 128-px tiles (the README's image size): each title is wrapped to its
+    column, so the middle of every gap between two columns stays white through the title band."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _figure as fig  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from PIL import ImageDraw  # noqa: PLC0415
+
+    titles = [["input", "ground truth", "32s = A", "16s = A + B", "8s = A + B + C (output)"],
+              ["", "", "A: from score_fr (stride 32)", "B: from pool4 (stride 16)", "C: from pool3 (stride 8)"]]
+    for line in fig.wrap(titles[1][2], 100).split("\n"):
+        assert ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line, font=fig.font(13)) <= 100
+    tile = Image.new("RGB", (128, 128), (0, 0, 0))
+    pad = 8
+    pixels = np.asarray(fig.compose([[tile] * 5, [None, None, tile, tile, tile]], titles=titles, title_h=20, pad=pad))
+    for c in range(1, 5):  # tiles never reach into a gap: only a title can
+        gap_middle = pad + c * (128 + pad) - pad // 2
+        assert (pixels[:, gap_middle] == 255).all(), f"a title crosses the gap before column {c}"
