@@ -5,6 +5,7 @@ root, without installing anything) and writes into tmp_path.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -48,7 +49,7 @@ def number_after(text, prefix):
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert scripts == {"transposed_conv_backprop.py", "gradcheck_layers.py", "train_fcn_shapes.py",
-                       "upsampling_compare.py", "fcn_stages.py"}
+                       "upsampling_compare.py", "fcn_stages.py", "staged_training.py"}
 
 
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
@@ -131,6 +132,20 @@ def test_fcn_stages_from_checkpoint(tmp_path):
     assert "trained in" not in out
     assert number_after(out, "equals model(x): max |difference|") == 0.0
     assert_png(tmp_path / "fcn_stages.png")
+
+
+def test_staged_training(tmp_path):
+    """32s, then 16s --init-from it, then 8s --init-from that; the figure titles each model with the mean IU
+    its own run recorded; --from-runs redraws without training."""
+    out = run_example("staged_training.py", "--out", str(tmp_path))
+    assert "init from" in out and "copied 32 parameters" in out and "copied 35 parameters" in out
+    for model in ("fcn32s", "fcn16s", "fcn8s"):
+        assert (tmp_path / model / "best.npz").is_file()
+        measured = json.loads((tmp_path / model / "metrics.jsonl").read_text().splitlines()[0])["mean_iu"]
+        assert number_after(out, f"{model}: mean IU") == pytest.approx(measured, abs=1e-4)
+    assert_png(tmp_path / "staged_refinement.png")
+    again = run_example("staged_training.py", "--out", str(tmp_path), "--from-runs")
+    assert "trained in" not in again and "wrote" in again
 
 
 def test_figure_titles_never_overlap():
