@@ -57,7 +57,7 @@ class TrainConfig:
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
     epochs: int = 6
-    batch_size: int = 1            # twice the updates of batch 2 for the same work: mean IU 0.909 against 0.897 after 7 epochs (README)
+    batch_size: int = 1            # twice the updates of batch 2 for the same work: mean IU 0.909 against 0.897 after 7 epochs (benchmarks/RESULTS.md)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
