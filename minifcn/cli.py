@@ -45,7 +45,8 @@ def _add_train(sub):
     p.add_argument("--width", type=float, default=d.width, help="channel multiplier (1.0 = the paper's VGG16)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step")
-    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate; with --reduction sum about (pixels per batch) times smaller "
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="base learning rate; with --reduction sum about (pixels per batch) times smaller "
                         "(minifcn.optim.suggest_lr converts)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (the FCN reference: 0.99)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
