@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import numbers
 
+from ..backend import device_of
+
+_DEVICE_WORDS = {"cpu": "the CPU (a NumPy array)", "gpu": "the GPU (a CuPy array)"}
+
 
 def pair(value, name: str, minimum: int = 0):
     """Return ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
@@ -31,6 +35,17 @@ def check_nchw(x, layer: str, channels: int | None = None):
         raise ValueError(f"{layer}: expected a float32 or float64 input, got dtype {x.dtype}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{layer}: expected {channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+    return x
+
+
+def check_same_device(x, other, layer: str, what: str = "input", other_what: str = "weights"):
+    """``x`` and ``other`` on one device, else an error naming both (instead of CuPy's
+    TypeError on an implicit conversion, or a silent copy)."""
+    here, there = device_of(x), device_of(other)
+    if here != there:
+        raise ValueError(
+            f"{layer}: {what} on {_DEVICE_WORDS[here]}, {other_what} on {_DEVICE_WORDS[there]}; move one of "
+            f"them to the other's device: minifcn.backend.to_device(array, {there!r}), or model.to({here!r})")
     return x
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ..parallel import run_bands, workers_for
-from ._checks import check_grad, check_nchw, need_forward, pair
+from ._checks import check_grad, check_nchw, check_same_device, need_forward, pair
 from .im2col import Unfolding, conv_output_size, conv_transpose_output_size, workspace
 
 
@@ -265,6 +265,7 @@ def _add_products(dw, dy3, cols, scratch="products"):
 
 
 def _check_same_dtype(x, weight, layer):
+    check_same_device(x, weight, layer)
     if x.dtype != weight.dtype:
         raise ValueError(
             f"{layer}: input dtype {x.dtype} does not match weight dtype {weight.dtype}; "
