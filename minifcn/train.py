@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split
 from .data import DataLoader, IMAGENET_MEAN_RGB, get_dataset, validate_dataset
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
-from .models import build_model, load_vgg16_npz
+from .models import build_model, load_vgg16_npz, transfer_state
 from .optim import SGD, make_schedule
 from .viz import plot_training, prediction_grid
 
@@ -203,16 +203,13 @@ def init_from_checkpoint(model, path):
     """
     arrays, _ = load_checkpoint(path)
     saved = split_prefix(arrays, "model")
-    own = dict(model.named_parameters())
-    copied = [k for k in own if k in saved and tuple(saved[k].shape) == tuple(own[k].shape)]
-    mismatched = [k for k in own if k in saved and k not in copied]
-    new = [k for k in own if k not in saved]
+    copied, new, mismatched = transfer_state(saved, model)  # copies nothing when nothing matches
     if not copied:
+        own = dict(model.named_parameters())
         shapes = "; ".join(f"{k}: {tuple(saved[k].shape)} here {tuple(own[k].shape)}" for k in mismatched[:3])
         raise CheckpointError(f"--init-from {os.fspath(path)!r} shares no parameter of the same name and shape "
                               f"with this {type(model).__name__} ({len(saved)} arrays in the checkpoint"
                               + (f", shapes differ: {shapes}" if shapes else ", no name in common") + ")")
-    model.load_state_dict({k: saved[k] for k in copied}, strict=False)
     return copied, new, mismatched
 
 
