@@ -26,7 +26,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ..parallel import run_bands, workers_for
-from ._checks import check_grad, check_nchw, check_same_device, need_forward, pair
+from ._checks import SavedInput, check_grad, check_nchw, check_same_device, need_forward, pair
 from .im2col import Unfolding, conv_output_size, conv_transpose_output_size, workspace
 
 
@@ -332,14 +332,15 @@ class Conv2d(Module):
         y = conv2d_forward(x, self.weight.data, self.stride, self.padding, self.dilation,
                            bias=None if self.bias is None else self.bias.data)
         # Keep the input, not its columns: backward unfolds it again, band by
-        # band (one im2col more, but no columns held per layer).
-        self._cache = (x, y.shape)
+        # band (one im2col more, but no columns held per layer), and check it is unchanged (SavedInput).
+        self._cache = (SavedInput(x), y.shape)
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W) (None if not input_grad); adds dW, db into .grad."""
-        x, y_shape = need_forward(self._cache, "Conv2d")
+        saved, y_shape = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
+        x = saved.check("Conv2d")
         if self.weight.trainable:
             conv2d_weight_grad(dy, x, self.weight.shape, self.stride, self.padding, self.dilation,
                                accumulate=self.weight.grad)
@@ -415,13 +416,14 @@ class ConvTranspose2d(Module):
         y = conv2d_input_grad(x, self.weight.data, out_shape, self.stride, self.padding, self.dilation)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)
-        self._cache = (x, out_shape)
+        self._cache = (SavedInput(x), out_shape)
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W); adds dW, db into .grad."""
-        x, out_shape = need_forward(self._cache, "ConvTranspose2d")
+        saved, out_shape = need_forward(self._cache, "ConvTranspose2d")
         check_grad(dy, out_shape, "ConvTranspose2d")
+        x = saved.check("ConvTranspose2d")
         # Backward of the transpose = forward of the convolution (cut to x's size
         # when output_padding added rows the convolution would map past it).
         dx = conv2d_forward(dy, self.weight.data, self.stride, self.padding, self.dilation,
