@@ -1,6 +1,7 @@
 """The minifcn command line: train, eval, predict, gradcheck, explain.
 
 Run ``minifcn --help``, ``minifcn SUBCOMMAND --help`` or ``python -m minifcn --help``.
+``mpiexec -n N minifcn train ...`` trains one model on N processes (docs/data_parallel.md).
 """
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import os
 import sys
 import time
 
+from .distributed import fail, launched_size, world
+
 DESCRIPTION = ("Fully convolutional networks (FCN-32s/16s/8s) written from scratch on NumPy and CuPy. "
                "train, eval and predict with them; gradcheck every layer against central differences; "
                "explain the convolution matrix, output sizes and an FCN layer by layer.")
-EPILOG = "Start with: minifcn train  (a small FCN-8s on the built-in shapes dataset; see README.md)."
+EPILOG = ("Start with: minifcn train  (a small FCN-8s on the built-in shapes dataset; see README.md). "
+          "mpiexec -n N minifcn train ... trains one model on N processes (docs/data_parallel.md).")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,6 +79,7 @@ def _add_train(sub):
                         "(staged training: fcn16s from an fcn32s run's best.npz, fcn8s from fcn16s; "
                         "default: none)")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="parameters and inputs")
     p.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order, augmentation, shapes images")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from OUT/checkpoint.npz (same model, width, dataset, image size)")
@@ -98,18 +103,19 @@ def cmd_train(args):
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
                       bgr=args.bgr,
                       vgg_weights=args.vgg_weights, init_from=args.init_from, device=check_device(args.device),
+                      dtype=args.dtype,
                       seed=args.seed, resume=args.resume, overwrite=args.overwrite, num_classes=args.num_classes,
                       progress=not args.no_progress)
     start = time.perf_counter()
     try:
         history = train(cfg)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return fail(f"error: {exc}", 3)
     except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)  # one line: where the last checkpoint is, how to resume
+        if world().rank == 0:  # Ctrl-C reaches every rank; one of them says it
+            print(exc, file=sys.stderr)  # one line: where the last checkpoint is, how to resume
         return 130
-    if history:
+    if history and world().rank == 0:
         best = max(history, key=lambda r: r["mean_iu"])
         print(f"done in {time.perf_counter() - start:.0f} s: best mean IU {best['mean_iu']:.4f} at epoch "
               f"{best['epoch']}; see {cfg.out}/ (metrics.jsonl, loss.png, predictions.png, best.npz)")
@@ -292,7 +298,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage; under MPI stop the other ranks too
+        if exc.code and launched_size() is not None:
+            return fail("error: invalid command line (see the usage above)", exc.code)
+        raise
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck,
                 "explain": cmd_explain}
     try:
@@ -302,5 +314,5 @@ def main(argv=None):
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         # Bad input (a corrupt checkpoint, a missing dataset, a label out of range...): one clear line.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # Under MPI the failing rank's message, then every rank stops (no rank is left waiting).
+        return fail(f"error: {exc}", 2)
