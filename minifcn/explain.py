@@ -25,7 +25,7 @@ import numpy as np
 
 from .layers import Conv2d, ConvTranspose2d, Crop, Dropout, MaxPool2d, ReLU, Scale
 from .layers.conv import conv2d_forward
-from .layers.im2col import conv_output_size, conv_transpose_output_size
+from .layers.columns import conv_output_size, conv_transpose_output_size
 from .layers._checks import pair
 
 # --------------------------------------------------------------------------- the convolution matrix

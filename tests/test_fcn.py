@@ -331,13 +331,10 @@ def test_batch_gradient_is_the_sum_of_per_image_gradients(name, batch_gradient_i
 def test_threads_change_no_output_and_no_gradient_beyond_rounding(gradients, monkeypatch):
     """FCN-8s with every convolution cut into one-row bands shared by three threads, and
     ReLU and pooling cut into pieces (minifcn.parallel), against the same model on one thread."""
-    import importlib
-
     from minifcn import parallel
-
-    im2col_module = importlib.import_module("minifcn.layers.im2col")
-    monkeypatch.setitem(im2col_module.BAND_BYTES, "numpy", 1)
-    monkeypatch.setattr(im2col_module, "MIN_COPY_BYTES", 1)
+    from minifcn.layers import columns
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 1)
     monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
     model = small_model("fcn8s", 4)
     model.eval()

@@ -47,3 +47,15 @@ def need_forward(cache, layer: str):
     if cache is None:
         raise RuntimeError(f"{layer}: backward called before forward")
     return cache
+
+
+def check_accumulate(accumulate, shape, xp, dtype, where: str):
+    """The array a gradient is added into: a new zero array when None, else ``accumulate``
+    itself after checking that it is contiguous and of ``shape`` (a parameter's ``.grad``)."""
+    if accumulate is None:
+        return xp.zeros(shape, dtype=dtype)
+    if tuple(accumulate.shape) != tuple(shape) or not accumulate.flags.c_contiguous:
+        raise ValueError(f"{where}: accumulate must be a contiguous array of shape "
+                         f"{tuple(shape)}, got shape {tuple(accumulate.shape)} "
+                         f"(C-contiguous: {bool(accumulate.flags.c_contiguous)})")
+    return accumulate
