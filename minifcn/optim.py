@@ -23,6 +23,7 @@ import numpy as np
 
 from .backend import get_array_module
 from .module import Module, Parameter
+from .routes import register, run
 
 _CHUNK = 1 << 20  # elements updated at a time: keeps the scratch buffer small and cache-friendly
 
@@ -36,6 +37,51 @@ def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float = 1e-2) -> 
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+UPDATE = "sgd_update"
+
+
+@register(UPDATE, "textbook", textbook=True, reason="the update formula on whole parameters (temporaries as large)")
+def sgd_update(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """The update of the module docstring on flat arrays w, g, v (v and w in place; no v without momentum)."""
+    g = g + weight_decay * w
+    if momentum:
+        v *= momentum
+        v += g
+        g = g + momentum * v if nesterov else v
+    w -= lr * g
+
+
+@register(UPDATE, "chunks", reason="in place, 2^20 elements at a time through one reused scratch buffer")
+def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer)."""
+    xp, mu, wd = get_array_module(w), momentum, weight_decay
+    buf = scratch() if scratch is not None else xp.empty(min(w.size, _CHUNK) or 1, dtype=w.dtype)
+    for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
+        sl = slice(start, start + buf.size)
+        wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
+        if wd:
+            xp.multiply(wc, wd, out=b)    # b = g + wd * w
+            b += gc
+            g_eff = b
+        else:
+            g_eff = gc                    # no decay: use the gradient itself, no copy
+        if mu:
+            vc *= mu                      # v = mu * v + g
+            vc += g_eff
+            if nesterov:                  # step = lr * (g + mu * v)
+                if g_eff is b:
+                    b += mu * vc              # (a chunk-sized temporary)
+                else:
+                    xp.multiply(vc, mu, out=b)
+                    b += g_eff
+                b *= lr
+            else:
+                xp.multiply(vc, lr, out=b)  # step = lr * v, one pass
+        else:
+            xp.multiply(g_eff, lr, out=b)
+        wc -= b
+
+
 class SGD:
     """Stochastic gradient descent.
 
@@ -45,8 +91,10 @@ class SGD:
         lr: base learning rate; each parameter uses ``lr * p.lr_mult``.
         momentum, weight_decay (times ``p.decay_mult``), nesterov.
 
-    ``step()`` updates in place, in chunks of 2^20 elements through one
-    scratch buffer, so no temporary as large as a parameter is made.
+    ``step()`` updates each parameter through :func:`minifcn.routes.select`:
+    the fast route ``chunks`` (in place, 2^20 elements at a time through one
+    scratch buffer, no temporary as large as a parameter) or the textbook
+    :func:`sgd_update`.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
@@ -86,37 +134,10 @@ class SGD:
         return buf
 
     def step(self) -> None:
-        mu = self.momentum
         for name, p in self.named_params:
-            xp = get_array_module(p.data)
             w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
-            lr = self.lr * p.lr_mult
-            wd = self.weight_decay * p.decay_mult
-            buf = self._buffer(xp, w.dtype, w.size)
-            for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
-                sl = slice(start, start + buf.size)
-                wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
-                if wd:
-                    xp.multiply(wc, wd, out=b)    # b = g + wd * w
-                    b += gc
-                    g_eff = b
-                else:
-                    g_eff = gc                    # no decay: use the gradient itself, no copy
-                if mu:
-                    vc *= mu                      # v = mu * v + g
-                    vc += g_eff
-                    if self.nesterov:                 # step = lr * (g + mu * v)
-                        if g_eff is b:
-                            b += mu * vc                  # (a chunk-sized temporary)
-                        else:
-                            xp.multiply(vc, mu, out=b)
-                            b += g_eff
-                        b *= lr
-                    else:
-                        xp.multiply(vc, lr, out=b)  # step = lr * v, one pass
-                else:
-                    xp.multiply(g_eff, lr, out=b)
-                wc -= b
+            args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
+            run(UPDATE, (w.size,), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""

@@ -148,6 +148,7 @@ def test_maxpool_cut_into_pieces_per_thread_matches_reference(case, rng, monkeyp
 
     monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # pieces are the fast route's (also in a textbook CI run)
     counts = []
     monkeypatch.setattr(pool_module, "run_pieces",
                         lambda idx, work: (counts.append(len(idx)), parallel.run_pieces(idx, work)))
