@@ -12,31 +12,22 @@ weight gradient ``conv2d_weight_grad`` with input and upstream gradient
 exchanged. PyTorch stores its weight as (in, out, kh, kw): exactly the
 (out, in, kh, kw) weight of the convolution it is the transpose of.
 
-The layers do not call these functions directly: they ask
-:func:`minifcn.routes.select` for the route of each map, which is the textbook
-one under ``MINIFCN_ROUTE=textbook`` (or ``with minifcn.route("textbook")``) and
-otherwise may be a fast route of :mod:`minifcn.layers.conv_fast` (space-to-depth,
-bands, pointwise, flipped-kernel, sub-pixel, bands-col2im). ``minifcn explain
-routes`` lists which runs where; the loop-by-loop twins are
-:func:`minifcn.reference.conv2d` and :func:`minifcn.reference.conv_transpose2d`.
+The layers ask :func:`minifcn.routes.select` for the route of each map: the textbook one under
+``MINIFCN_ROUTE=textbook`` (or ``with minifcn.route("textbook")``), else perhaps a fast route of
+:mod:`minifcn.layers.conv_fast`. ``minifcn explain routes`` lists which runs where, and why.
 """
-from __future__ import annotations
-
-import math
-
 import numpy as np
 
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ..routes import register, run
-from ._checks import check_accumulate, check_grad, check_nchw, need_forward, pair
+from ._checks import (check_accumulate, check_grad, check_kernel_fits, check_nchw, check_positive_output,
+                      check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
 from .conv_fast import FORWARD, INPUT_GRAD, WEIGHT_GRAD, conv_facts
+from .init import uniform_init as _uniform_init  # (tests replace it to build zero models fast)
 
-TEXTBOOK = "textbook"
-
-
-@register(FORWARD, TEXTBOOK, textbook=True, reason="im2col of the whole input, one product, bias")
+@register(FORWARD, "textbook", textbook=True, reason="im2col of the whole input, one product, bias")
 def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None, bias=None):
     """``y = C x (+ b)``. x (N, Cin, H, W), weight (Cout, Cin, kh, kw), geometry as (h, w) pairs,
     out_hw an optional (OH, OW) at most the natural size, bias (Cout,) -> y (N, Cout, OH, OW)."""
@@ -47,7 +38,7 @@ def conv2d_forward(x, weight, stride, padding, dilation, out_hw=None, bias=None)
     return y.reshape(x.shape[0], weight.shape[0], oh, ow)
 
 
-@register(INPUT_GRAD, TEXTBOOK, textbook=True, reason="one product W^T dy, then col2im")
+@register(INPUT_GRAD, "textbook", textbook=True, reason="one product W^T dy, then col2im")
 def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
     """``dx = C^T dy``. dy (N, Cout, OH, OW), weight (Cout, Cin, kh, kw), x_shape (N, Cin, H, W) -> dx."""
     n, cout, oh, ow = dy.shape
@@ -55,10 +46,10 @@ def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
     return col2im(dcols, x_shape, weight.shape[2:], stride, padding, dilation, (oh, ow))
 
 
-@register(WEIGHT_GRAD, TEXTBOOK, textbook=True, reason="im2col of the whole input, one product dy cols^T")
+@register(WEIGHT_GRAD, "textbook", textbook=True, reason="im2col of the whole input, one product dy cols^T")
 def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
-    """``dW[o, k] = sum_{n, l} dy[n, o, l] cols[n, k, l]``, added into ``accumulate`` (a contiguous
-    array of weight_shape, e.g. a parameter's ``.grad``) when given. dy (N, Cout, OH, OW), x the input."""
+    """``dW[o, k] = sum_{n, l} dy[n, o, l] cols[n, k, l]``. dy (N, Cout, OH, OW), x the input; added into
+    ``accumulate`` (a contiguous array of weight_shape, e.g. a parameter's ``.grad``) when given."""
     xp = get_array_module(dy)
     n, cout, oh, ow = dy.shape
     accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv2d_weight_grad")
@@ -67,21 +58,8 @@ def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulat
     return accumulate
 
 
-def _check_same_dtype(x, weight, layer):
-    if x.dtype != weight.dtype:
-        raise ValueError(f"{layer}: input dtype {x.dtype} does not match weight dtype {weight.dtype}; cast one "
-                         f"of them (layer.astype({x.dtype.name!r}) or x.astype({weight.dtype.name!r}))")
-
-
-def _uniform_init(shape, fan_in, dtype, rng):
-    """PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
-
-
 class _Convolution(Module):
     """What both layers share: geometry arguments, parameters, the bias gradient."""
-
     def __init__(self, name, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, dtype, rng,
                  weight_shape):
         super().__init__()
@@ -89,20 +67,22 @@ class _Convolution(Module):
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"{name}: channel counts must be >= 1, got in={in_channels}, out={out_channels}")
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
-        self.stride, self.padding = pair(stride, "stride", 1), pair(padding, "padding", 0)
-        self.dilation = pair(dilation, "dilation", 1)
+        self.geometry = self.stride, self.padding, self.dilation = (
+            pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1))
         rng = np.random.default_rng(rng)
         fan_in = weight_shape[1] * self.kernel_size[0] * self.kernel_size[1]  # PyTorch's, for both layers
         self.weight = Parameter(_uniform_init((*weight_shape, *self.kernel_size), fan_in, dtype, rng))
         self.bias = Parameter(_uniform_init((self.out_channels,), fan_in, dtype, rng)) if bias else None
         self._cache = None
 
-    def _geometry(self):
-        return self.stride, self.padding, self.dilation
-
     def _bias_grad(self, dy):
         if self.bias is not None and self.bias.trainable:
             self.bias.grad += dy.sum(axis=(0, 2, 3))
+
+    def extra_repr(self):
+        extra = f"output_padding={self.output_padding}, " if hasattr(self, "output_padding") else ""
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, {extra}dilation={self.dilation}, bias={self.bias is not None}")
 
 
 class Conv2d(_Convolution):
@@ -115,7 +95,8 @@ class Conv2d(_Convolution):
     initial weights. ``input_grad = False`` on a first layer (an image needs no gradient): backward
     then only accumulates dW and db and returns None.
     Shapes: (N, Cin, H, W) -> (N, Cout, OH, OW), ``OH = floor((H + 2p - d(k-1) - 1) / s) + 1``;
-    weight (Cout, Cin, kh, kw), bias (Cout,).
+    weight (Cout, Cin, kh, kw), bias (Cout,). Loop twin: :func:`minifcn.reference.conv2d` and
+    ``conv2d_backward``. Routes: :meth:`route_facts` names the operation of each pass.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
@@ -125,14 +106,12 @@ class Conv2d(_Convolution):
         self.input_grad = True
 
     def output_shape(self, input_shape):
-        n, _, h, w = input_shape
-        return (n, self.out_channels) + tuple(conv_output_size(size, self.kernel_size[a], self.stride[a],
-                                                               self.padding[a], self.dilation[a])
-                                              for a, size in ((0, h), (1, w)))
+        return (input_shape[0], self.out_channels) + tuple(
+            conv_output_size(input_shape[2 + a], self.kernel_size[a], *(g[a] for g in self.geometry)) for a in (0, 1))
 
     def route_facts(self, x_shape):
         """Pass -> (operation, facts for :func:`minifcn.routes.select`), or (None, why it is skipped)."""
-        facts = conv_facts(x_shape, self.weight.shape, *self._geometry())
+        facts = conv_facts(x_shape, self.weight.shape, *self.geometry)
         return {"forward": (FORWARD, facts),
                 "input grad": (INPUT_GRAD, facts) if self.input_grad else (None, "input_grad is off"),
                 "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed")}
@@ -140,16 +119,10 @@ class Conv2d(_Convolution):
     def forward(self, x):
         """x: (N, Cin, H, W) -> y: (N, Cout, OH, OW)."""
         check_nchw(x, "Conv2d", self.in_channels)
-        _check_same_dtype(x, self.weight.data, "Conv2d")
-        for a in (0, 1):
-            span = self.dilation[a] * (self.kernel_size[a] - 1) + 1
-            if x.shape[2 + a] + 2 * self.padding[a] < span:
-                raise ValueError(f"Conv2d: kernel extent {span} (kernel_size={self.kernel_size}, dilation="
-                                 f"{self.dilation}) is larger than the padded input {'HW'[a]}={x.shape[2 + a]}+2*"
-                                 f"{self.padding[a]} (input shape {tuple(x.shape)})")
+        check_same_dtype(x, self.weight.data, "Conv2d")
+        check_kernel_fits(x.shape, self.kernel_size, self.padding, self.dilation, "Conv2d")
         bias = None if self.bias is None else self.bias.data
-        y = run(FORWARD, conv_facts(x.shape, self.weight.shape, *self._geometry()), x, self.weight.data,
-                *self._geometry(), None, bias)
+        y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias)
         self._cache = (x, y.shape)  # the input, not its columns: backward unfolds it again
         return y
 
@@ -157,17 +130,13 @@ class Conv2d(_Convolution):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W) (None if not input_grad); adds dW, db into .grad."""
         x, y_shape = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
-        facts = conv_facts(x.shape, self.weight.shape, *self._geometry())
+        passes = self.route_facts(x.shape)
         if self.weight.trainable:
-            run(WEIGHT_GRAD, facts, dy, x, self.weight.shape, *self._geometry(), accumulate=self.weight.grad)
+            run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad)
         self._bias_grad(dy)
         if not self.input_grad:
             return None
-        return run(INPUT_GRAD, facts, dy, self.weight.data, x.shape, *self._geometry())
-
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+        return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry)
 
 
 class ConvTranspose2d(_Convolution):
@@ -181,7 +150,7 @@ class ConvTranspose2d(_Convolution):
     and columns of the output), output_padding=0 (adds them on the bottom/right; smaller than stride
     or dilation), dilation=1, bias=True. Loop twin: :func:`minifcn.reference.conv_transpose2d`.
     Shapes: (N, Cin, H, W) -> (N, Cout, OH, OW), ``OH = (H-1)s - 2p + d(k-1) + output_padding + 1``;
-    weight (Cin, Cout, kh, kw), bias (Cout,).
+    weight (Cin, Cout, kh, kw), bias (Cout,). Routes: :meth:`route_facts`.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
@@ -194,45 +163,36 @@ class ConvTranspose2d(_Convolution):
                              f"stride={self.stride} or dilation={self.dilation}")
 
     def output_shape(self, input_shape):
-        n, _, h, w = input_shape
-        return (n, self.out_channels) + tuple(
-            conv_transpose_output_size(size, self.kernel_size[a], self.stride[a], self.padding[a],
-                                       self.output_padding[a], self.dilation[a]) for a, size in ((0, h), (1, w)))
+        return (input_shape[0], self.out_channels) + tuple(conv_transpose_output_size(
+            input_shape[2 + a], self.kernel_size[a], self.stride[a], self.padding[a], self.output_padding[a],
+            self.dilation[a]) for a in (0, 1))
 
     def route_facts(self, x_shape):
-        """Pass -> (operation, facts): every pass is one of the convolution C's, on C's geometry."""
-        facts = conv_facts(self.output_shape(x_shape), self.weight.shape, *self._geometry(), x_shape[2:])
+        """Pass -> (operation, facts): each pass is one of the convolution C's, on C's geometry."""
+        facts = conv_facts(self.output_shape(x_shape), self.weight.shape, *self.geometry, x_shape[2:])
         return {"forward": (INPUT_GRAD, facts), "input grad": (FORWARD, facts),
                 "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed")}
 
     def forward(self, x):
         """x: (N, Cin, H, W) -> y: (N, Cout, OH, OW): the input gradient of C."""
         check_nchw(x, "ConvTranspose2d", self.in_channels)
-        _check_same_dtype(x, self.weight.data, "ConvTranspose2d")
+        check_same_dtype(x, self.weight.data, "ConvTranspose2d")
         out_shape = self.output_shape(x.shape)
-        if min(out_shape[2:]) < 1:
-            raise ValueError(f"ConvTranspose2d: output size {out_shape[2:]} is not positive for input shape "
-                             f"{tuple(x.shape)} (padding={self.padding} removes too much)")
-        facts = conv_facts(out_shape, self.weight.shape, *self._geometry(), x.shape[2:])
-        y = run(INPUT_GRAD, facts, x, self.weight.data, out_shape, *self._geometry())
+        check_positive_output(out_shape, x.shape, self.padding, "ConvTranspose2d")
+        y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, out_shape, *self.geometry)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)
         self._cache = (x, out_shape)
         return y
 
     def backward(self, dy):
-        """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W): C applied to dy, cut to x's size when
-        output_padding added rows C would map past it; adds dW, db into .grad."""
+        """dy: (N, Cout, OH, OW) -> dx = C dy (N, Cin, H, W), cut to x's size; adds dW, db into .grad."""
         x, out_shape = need_forward(self._cache, "ConvTranspose2d")
         check_grad(dy, out_shape, "ConvTranspose2d")
-        facts = conv_facts(dy.shape, self.weight.shape, *self._geometry(), x.shape[2:])
-        dx = run(FORWARD, facts, dy, self.weight.data, *self._geometry(), x.shape[2:])
+        passes = self.route_facts(x.shape)
+        dx = run(*passes["input grad"], dy, self.weight.data, *self.geometry, x.shape[2:])
         if self.weight.trainable:  # FCN's fixed bilinear upsampling skips this product
-            run(WEIGHT_GRAD, facts, x, dy, self.weight.shape, *self._geometry(), accumulate=self.weight.grad)
+            run(*passes["weight grad"], x, dy, self.weight.shape, *self.geometry, accumulate=self.weight.grad)
         self._bias_grad(dy)
         return dx
 
-    def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}")
