@@ -371,3 +371,47 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, grad
     assert none is None
     for n in with_dx:
         np.testing.assert_array_equal(with_dx[n], without[n], err_msg=n)
+
+
+def test_two_models_forward_from_two_user_threads_equal_serial(monkeypatch):
+    """Two FCN-8s of the same shape (different weights) run forward passes in two Python
+    threads at once, several times, with every convolution cut into one-row bands: each result
+    equals the same model run alone. Scratch buffers shared between user threads (keyed only by
+    band worker, so both threads' worker 0 wrote the same columns) failed this."""
+    import sys
+    import threading
+
+    from minifcn.layers import columns
+
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # the bands and their buffers are the fast routes'
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 1)
+    models = [small_model("fcn8s", seed) for seed in (4, 5)]
+    for m in models:
+        m.eval()
+    x = np.concatenate([small_input("fcn8s", 5), small_input("fcn8s", 6)])
+    serial = [m(x).copy() for m in models]
+    results, errors = [[], []], []
+
+    def work(i):
+        try:
+            for _ in range(6):
+                results[i].append(models[i](x).copy())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often, as a busy machine would
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    for i in (0, 1):
+        assert len(results[i]) == 6
+        for y in results[i]:
+            np.testing.assert_array_equal(y, serial[i])
