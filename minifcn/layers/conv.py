@@ -54,7 +54,8 @@ def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulat
     n, cout, oh, ow = dy.shape
     accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv2d_weight_grad")
     cols, _ = im2col(x, weight_shape[2:], stride, padding, dilation, (oh, ow))     # (N, Cin*kh*kw, OH*OW)
-    accumulate += xp.tensordot(dy.reshape(n, cout, oh * ow), cols, axes=([0, 2], [0, 2])).reshape(weight_shape)
+    dw = (dy.reshape(n, cout, oh * ow) @ cols.transpose(0, 2, 1)).sum(axis=0)      # (Cout, Cin*kh*kw)
+    accumulate += dw.reshape(weight_shape)
     return accumulate
 
 
