@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import routes
+from . import optim, routes  # noqa: F401 (optim registers the SGD update routes)
 from .layers import Conv2d, ConvTranspose2d, MaxPool2d
 
 PASSES = ("forward", "input grad", "weight grad")

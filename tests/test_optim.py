@@ -213,3 +213,30 @@ def test_suggest_lr_relates_sum_and_mean_losses():
     assert math.isclose(suggest_lr("sum", 500 * 500, mean_lr=2.5e-5), 1e-10)  # the reference's 1e-10
     with pytest.raises(ValueError, match="'none'"):
         suggest_lr("none", 10)
+
+
+@pytest.mark.parametrize("momentum,weight_decay,nesterov", [(0.9, 5e-4, False), (0.9, 0.0, True), (0.99, 5e-4, True),
+                                                            (0.0, 5e-4, False), (0.0, 0.0, False)])
+def test_chunked_route_equals_the_textbook_update(momentum, weight_decay, nesterov, monkeypatch):
+    """SGD's fast route (in place, in chunks; chunks of 7 here so a parameter spans several)
+    against the textbook formula, over three steps with multipliers."""
+    import minifcn.optim as optim_module
+    from minifcn import route
+
+    monkeypatch.setattr(optim_module, "_CHUNK", 7)
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(shape) for shape in ((3, 5), (11,), (2, 2, 3))]
+    grads = [[rng.standard_normal(w.shape) for w in start] for _ in range(3)]
+    result = {}
+    for mode in ("fast", "textbook"):
+        params = [Parameter(w.copy()) for w in start]
+        params[1].lr_mult, params[1].decay_mult = 2.0, 0.0
+        opt = SGD(params, lr=0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        with route(mode):
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad[...] = g
+                opt.step()
+        result[mode] = [p.data for p in params] + list(opt.velocity.values())
+    for a, b in zip(result["fast"], result["textbook"]):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
