@@ -6,11 +6,10 @@ A convolution with weight ``W`` (out, in, kh, kw) is a matrix ``y = C x`` (plus 
 * :func:`conv2d_input_grad`   ``dx = C^T dy``   one product, then col2im (the adjoint of im2col)
 * :func:`conv2d_weight_grad`  ``dW = dy cols^T``  im2col, one product
 
-These are the *textbook routes*. A transposed convolution *is* ``C^T``: its
-forward is ``conv2d_input_grad``, its input gradient ``conv2d_forward``, its
-weight gradient ``conv2d_weight_grad`` with input and upstream gradient
-exchanged. PyTorch stores its weight as (in, out, kh, kw): exactly the
-(out, in, kh, kw) weight of the convolution it is the transpose of.
+These are the *textbook routes*. A transposed convolution *is* ``C^T``: its forward is
+``conv2d_input_grad``, its input gradient ``conv2d_forward``, its weight gradient ``conv2d_weight_grad``
+with input and upstream gradient exchanged. PyTorch stores its weight as (in, out, kh, kw):
+exactly the (out, in, kh, kw) weight of the convolution it is the transpose of.
 
 The layers ask :func:`minifcn.routes.select` for the route of each map: the textbook one under
 ``MINIFCN_ROUTE=textbook`` (or ``with minifcn.route("textbook")``), else perhaps a fast route of
@@ -50,9 +49,8 @@ def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
 def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
     """``dW[o, k] = sum_{n, l} dy[n, o, l] cols[n, k, l]``. dy (N, Cout, OH, OW), x the input; added into
     ``accumulate`` (a contiguous array of weight_shape, e.g. a parameter's ``.grad``) when given."""
-    xp = get_array_module(dy)
     n, cout, oh, ow = dy.shape
-    accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv2d_weight_grad")
+    accumulate = check_accumulate(accumulate, weight_shape, get_array_module(dy), dy.dtype, "conv2d_weight_grad")
     cols, _ = im2col(x, weight_shape[2:], stride, padding, dilation, (oh, ow))     # (N, Cin*kh*kw, OH*OW)
     dw = (dy.reshape(n, cout, oh * ow) @ cols.transpose(0, 2, 1)).sum(axis=0)      # (Cout, Cin*kh*kw)
     accumulate += dw.reshape(weight_shape)
@@ -68,13 +66,15 @@ class _Convolution(Module):
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError(f"{name}: channel counts must be >= 1, got in={in_channels}, out={out_channels}")
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
-        self.geometry = self.stride, self.padding, self.dilation = (
-            pair(stride, "stride", 1), pair(padding, "padding", 0), pair(dilation, "dilation", 1))
+        self.stride, self.padding = pair(stride, "stride", 1), pair(padding, "padding", 0)
+        self.dilation = pair(dilation, "dilation", 1)
         rng = np.random.default_rng(rng)
         fan_in = weight_shape[1] * self.kernel_size[0] * self.kernel_size[1]  # PyTorch's, for both layers
         self.weight = Parameter(_uniform_init((*weight_shape, *self.kernel_size), fan_in, dtype, rng))
         self.bias = Parameter(_uniform_init((self.out_channels,), fan_in, dtype, rng)) if bias else None
         self._cache = None
+
+    geometry = property(lambda self: (self.stride, self.padding, self.dilation), doc="(stride, padding, dilation)")
 
     def _bias_grad(self, dy):
         if self.bias is not None and self.bias.trainable:
