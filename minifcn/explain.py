@@ -14,7 +14,8 @@ implementation cannot drift apart.
   formulas and why transposed convolution needs ``output_padding``.
 
 Run them from the command line: ``minifcn explain conv-matrix``, ``minifcn explain fcn``,
-``minifcn explain sizes``.
+``minifcn explain sizes``; ``minifcn explain routes`` (:mod:`minifcn.explain_routes`) says
+which route, textbook or fast, every layer and pass of an FCN runs, and why.
 """
 from __future__ import annotations
 
