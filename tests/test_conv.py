@@ -329,9 +329,11 @@ def test_bands_tile_the_output_rows():
     assert list(u.bands(np, 4, 65)) == [(0, 50)]  # many output channels: one product
 
 
-def test_weight_grad_accumulates_into_the_given_array_and_rejects_a_bad_one(rng):
-    from minifcn.layers import conv2d_weight_grad
+@pytest.mark.parametrize("route_name", ["textbook", "bands"])
+def test_weight_grad_accumulates_into_the_given_array_and_rejects_a_bad_one(route_name, rng):
+    from minifcn import routes
 
+    conv2d_weight_grad = next(r.fn for r in routes.routes("conv_weight_grad") if r.name == route_name)
     x, dy = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 4, 6, 5))
     geometry = ((1, 1), (1, 1), (1, 1))
     fresh = conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry)
