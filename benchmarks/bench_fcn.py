@@ -9,16 +9,26 @@ round by round with minifcn, and the table shows both medians and the ratio.
     python benchmarks/bench_fcn.py --cases 224 --rounds 3 --layers
     python benchmarks/bench_fcn.py --memory        # peak memory of a step, each framework in a child process
     python benchmarks/bench_fcn.py --cases small --one-band-thread   # minifcn's band threads on and off
-    python benchmarks/bench_fcn.py --device gpu    # CuPy vs PyTorch CUDA (TF32 off on both)
+    python benchmarks/bench_fcn.py --device gpu --cases 500 --layers   # CuPy vs PyTorch CUDA (TF32 off on both)
 
 A training step is forward, softmax cross-entropy (mean over pixels),
 backward and SGD with momentum 0.9 and weight decay 5e-4 (biases 2x lr, no
 decay; the fixed bilinear upsampling is not updated) on both sides.
 Forward+backward counts 3x the forward FLOPs (input and weight gradients).
+
+On the GPU (``--device gpu``) TF32 is off for both (``NVIDIA_TF32_OVERRIDE=0``
+before CUDA starts, PyTorch's ``allow_tf32`` flags False, CuPy's ``CUPY_TF32``
+unset), every case starts from freed memory (minifcn's column workspaces,
+CuPy's memory pools, PyTorch's cache), and a table compares the peak GPU
+memory each framework holds from its allocator: the size of CuPy's memory
+pool (which keeps every block it ever allocated until freed) beside PyTorch's
+``max_memory_reserved``, the like-for-like measure (``max_memory_allocated``
+leaves out the cache).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -35,7 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import gflops, import_torch, interleaved, machine_line, peak_rss_mb, print_table, sgemm_gflops  # noqa: E402
 
-from minifcn.backend import to_device  # noqa: E402
+from minifcn.backend import gpu_available, to_device  # noqa: E402
+from minifcn.layers.im2col import release_workspaces  # noqa: E402
 from minifcn.layers import SoftmaxCrossEntropy  # noqa: E402
 from minifcn.models import FCN8s  # noqa: E402
 from minifcn.models.trace import fcn_flops  # noqa: E402
@@ -54,6 +65,51 @@ def synchronize(device):
         import cupy  # noqa: PLC0415
 
         cupy.cuda.Device().synchronize()
+
+
+def gpu_line(torch=None) -> str:
+    """The GPU, CUDA, CuPy (and PyTorch/cuDNN) versions and TF32's state, for the top of a GPU report."""
+    import cupy  # noqa: PLC0415
+
+    runtime = cupy.cuda.runtime
+    props = runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+
+    def version(v):
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    line = (f"GPU: {name}, {props['totalGlobalMem'] / 2**30:.0f} GiB; CUDA runtime {version(runtime.runtimeGetVersion())}, "
+            f"driver {version(runtime.driverGetVersion())}; CuPy {cupy.__version__}; "
+            f"TF32 off (NVIDIA_TF32_OVERRIDE={os.environ.get('NVIDIA_TF32_OVERRIDE')}, "
+            f"CUPY_TF32={os.environ.get('CUPY_TF32', 'unset')}")
+    if torch is not None:
+        line += (f", torch allow_tf32 {torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}"
+                 f"; PyTorch {torch.__version__} with cuDNN {torch.backends.cudnn.version()}")
+    return line + ")"
+
+
+def free_gpu_memory(torch=None) -> None:
+    """Between cases: drop minifcn's column workspaces and give CuPy's pooled blocks and
+    PyTorch's cache back to the device, so a case's peak is its own."""
+    import cupy  # noqa: PLC0415
+
+    release_workspaces()
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+    if torch is not None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peaks_mb(torch=None):
+    """(minifcn, PyTorch) peak GPU memory held since the last :func:`free_gpu_memory`, in MiB:
+    CuPy's pool size (it keeps every block until freed) and PyTorch's max_memory_reserved."""
+    import cupy  # noqa: PLC0415
+
+    mine = cupy.get_default_memory_pool().total_bytes() / 2**20
+    theirs = torch.cuda.max_memory_reserved() / 2**20 if torch is not None else None
+    return mine, theirs
 
 
 class MinifcnRunner:
@@ -221,12 +277,8 @@ def child(framework, case, device):
         runner.step()
     result = {"peak_rss_mb": peak_rss_mb(), "start_rss_mb": base}
     if device == "gpu":
-        if framework == "torch":
-            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            import cupy  # noqa: PLC0415
-
-            result["peak_gpu_mb"] = cupy.get_default_memory_pool().total_bytes() / 2**20
+        mine, theirs = gpu_peaks_mb(torch if framework == "torch" else None)
+        result["peak_gpu_mb"] = theirs if framework == "torch" else mine
     print(json.dumps(result))
 
 
@@ -263,22 +315,30 @@ def main(argv=None):
     for c in cases:
         if c not in CASES:
             p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    if args.device == "gpu" and not gpu_available():
+        p.error("--device gpu needs CuPy with a visible CUDA device (see docs/gpu.md)")
     if args.child:
         return child(args.child, cases[0], args.device)
 
+    if args.device == "gpu":
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"  # before CUDA starts: no TF32 in cuBLAS or cuDNN, for either side
     torch = None if args.no_torch else import_torch()
     if torch is not None and args.device == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     print(machine_line(torch))
+    if args.device == "gpu":
+        print(gpu_line(torch))
     if args.device == "cpu":
         ceiling = sgemm_gflops()
         print(f"float32 matrix-product ceiling (2048^3 sgemm): {ceiling['median_gflops']:.0f} GFLOP/s (median)")
     else:
         ceiling = None
-    rows, per_gflop, thread_rows = [], {}, []
+    rows, per_gflop, thread_rows, gpu_memory_rows = [], {}, [], []
     for case in cases:
         width, batch, side = CASES[case]
+        if args.device == "gpu":
+            free_gpu_memory(torch)
         mine = MinifcnRunner(width, batch, side, args.device)
         fwd_flops = sum(fcn_flops(mine.model, side, side, batch).values())
         candidates = {}
@@ -308,10 +368,16 @@ def main(argv=None):
             profile, whole = layer_profile(mine, "step")
             print(f"\nminifcn per-layer time of a training step, case {case} ({1e3 * whole:.0f} ms):")
             print_layers(profile, whole, fcn_flops(mine.model, side, side, batch))
-        del mine, theirs
+        if args.device == "gpu":
+            m, t = gpu_peaks_mb(torch)
+            gpu_memory_rows.append((case, m, t, m / t if t else None))
+        del mine, theirs, candidates
     print()
     print_table(("case", "what", "minifcn ms", "PyTorch ms", "ratio", "minifcn GFLOP/s", "of ceiling",
                  "ms per GFLOP"), rows, (None, None, ".0f", ".0f", ".2f", ".0f", None, ".2f"))
+    if gpu_memory_rows:
+        print("\nPeak GPU memory of the case (MiB): CuPy's pool (minifcn) beside PyTorch's max_memory_reserved")
+        print_table(("case", "minifcn", "PyTorch", "ratio"), gpu_memory_rows, (None, ".0f", ".0f", ".2f"))
     if thread_rows:
         print("\nminifcn with its band threads against MINIFCN_NUM_THREADS=1 (same run, interleaved):")
         print_table(("case", "what", "threads ms", "one thread ms", "ratio"), thread_rows,

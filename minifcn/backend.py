@@ -7,6 +7,7 @@ the GPU device is requested.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -64,8 +65,8 @@ def check_device(device: str | None) -> str:
     if name == "gpu" and not gpu_available():
         raise RuntimeError(
             "device 'gpu' was requested but CuPy with a visible CUDA device is not "
-            "available; install the GPU extra (pip install 'minifcn[gpu]') on a machine "
-            "with an NVIDIA GPU, or use device='cpu'"
+            "available; install the GPU extra on a machine with an NVIDIA GPU (pip install 'minifcn[gpu]' "
+            "for a CUDA 12 driver, 'minifcn[gpu-cuda13]' for CUDA 13; see docs/gpu.md), or use device='cpu'"
         )
     return name
 
@@ -94,5 +95,20 @@ def to_numpy(array):
 
 
 def device_of(array) -> str:
-    """'gpu' for a CuPy array, 'cpu' otherwise."""
+    """'gpu' for a CuPy array, 'cpu' otherwise (asks the array's type only: never imports CuPy)."""
     return "gpu" if type(array).__module__.startswith("cupy") else "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str, options: tuple = ()):
+    """A ``cupy.ElementwiseKernel``, made once per set of arguments (CuPy compiles it on first call
+    and caches the binary per device).
+
+    ``operation`` is the C body run for each element ``i``; output parameters
+    passed in by the caller are read and written in place. The few kernels
+    minifcn writes (SGD's update, the confusion matrix's counting, dropout's
+    masks) each sit beside the NumPy code they replace, with the same maths.
+    """
+    import cupy  # noqa: PLC0415 (reached only with CuPy arrays)
+
+    return cupy.ElementwiseKernel(in_params, out_params, operation, name, options=options)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import optim, routes  # noqa: F401 (optim registers the SGD update routes)
+from .backend import get_array_module
 from .layers import Conv2d, ConvTranspose2d, MaxPool2d
 
 PASSES = ("forward", "input grad", "weight grad")
@@ -142,7 +143,7 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
                 row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng)
             rows.append(row)
     size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
-    chosen = routes.select("sgd_update", size_all)
+    chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)
     rows.append(RouteRow("(all)", "SGD", "update", "sgd_update", chosen.name, chosen.reason, (size_all,),
                          6 * size_all))
     return rows

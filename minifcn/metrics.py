@@ -16,13 +16,34 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import elementwise_kernel, get_array_module, to_numpy
 
 
 def _nanmean(values: np.ndarray) -> float:
     """Mean of the non-NaN values; NaN (and no warning) if there are none."""
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
+
+
+_COUNT_OPERATION = "atomicAdd(&counts[index], 1ULL)"  # counts[index[i]] += 1, safe against other threads
+
+
+def count_bins(index, length: int):
+    """How often each value ``0 .. length - 1`` occurs in the non-negative int64 array ``index``.
+
+    NumPy: ``np.bincount(index, minlength=length)``. CuPy: one kernel that
+    adds 1 to ``counts[index[i]]`` for every ``i`` with an atomic add, because
+    ``cupy.bincount`` first reads the input's minimum and maximum back to the
+    host (two device syncs) and, before CuPy 14.2, fails on an empty input.
+    ``index`` must lie in ``[0, length)`` (the confusion matrix's spare bins see to it).
+    """
+    xp = get_array_module(index)
+    if xp is np:
+        return np.bincount(index, minlength=length)
+    counts = xp.zeros(length, dtype=xp.uint64)
+    kernel = elementwise_kernel("int64 index", "raw uint64 counts", _COUNT_OPERATION, "minifcn_count_bins")
+    kernel(index.astype(xp.int64, copy=False), counts)
+    return counts
 
 
 class ConfusionMatrix:
@@ -47,6 +68,14 @@ class ConfusionMatrix:
         Inputs: pred and label integer arrays of the same shape (any shape,
         e.g. (N, H, W)), both NumPy or both CuPy. Pixels whose label is
         ``ignore_index`` are skipped; the counting runs on the arrays' device.
+
+        No pixel is masked out (masking a CuPy array waits for the device to
+        know the result's size): each pixel gets a bin, ``C * label + pred``
+        for a counted one and one of three spare bins past the ``C x C``
+        matrix for an ignored pixel, a bad label and a bad prediction. One
+        count of all bins comes to the host (one transfer); the spare bins
+        are dropped, the bad ones checked. A batch whose pixels are all
+        ignored counts nothing and needs no special case.
         """
         xp = get_array_module(pred, label)
         pred, label = xp.asarray(pred), xp.asarray(label)
@@ -55,19 +84,25 @@ class ConfusionMatrix:
         for name, a in (("pred", pred), ("label", label)):
             if a.dtype.kind not in "iub":
                 raise ValueError(f"ConfusionMatrix.update: {name} must be an integer array, got {a.dtype}")
-        label, pred = label.ravel().astype(xp.int64), pred.ravel().astype(xp.int64)
-        if self.ignore_index is not None:
-            keep = label != self.ignore_index
-            label, pred = label[keep], pred[keep]
+        if label.size == 0:
+            return
         c = self.num_classes
-        for name, a in (("label", label), ("prediction", pred)):
-            bad = (a < 0) | (a >= c)
-            if bool(bad.any()):
-                raise ValueError(f"ConfusionMatrix.update: {name} value {int(a[bad][0])} is out of range for "
+        ignored_bin, bad_label_bin, bad_pred_bin = c * c, c * c + 1, c * c + 2
+        label, pred = label.ravel().astype(xp.int64), pred.ravel().astype(xp.int64)
+        ignored = (label == self.ignore_index) if self.ignore_index is not None else xp.zeros(label.shape, bool)
+        label_ok = (label >= 0) & (label < c)
+        pred_ok = (pred >= 0) & (pred < c)
+        index = xp.where(label_ok & pred_ok, c * label + pred,
+                         xp.where(label_ok, bad_pred_bin, bad_label_bin))
+        index = xp.where(ignored, ignored_bin, index)
+        counts = to_numpy(count_bins(index, c * c + 3))
+        for name, a, ok, bin_ in (("label", label, label_ok, bad_label_bin), ("prediction", pred, pred_ok, bad_pred_bin)):
+            if counts[bin_]:
+                value = int(a[~ok & ~ignored][0])  # an error: reading the device again is fine here
+                raise ValueError(f"ConfusionMatrix.update: {name} value {value} is out of range for "
                                  f"{c} classes (valid: 0..{c - 1}"
                                  + (f", or ignore_index={self.ignore_index})" if name == "label" else ")"))
-        counts = xp.bincount(c * label + pred, minlength=c * c).reshape(c, c)
-        self.matrix += to_numpy(counts).astype(np.int64)
+        self.matrix += counts[: c * c].reshape(c, c).astype(np.int64)
 
     def scores(self) -> dict:
         """``pixel_acc``, ``mean_acc``, ``mean_iu``, ``fwiu`` (floats; NaN when nothing was counted),

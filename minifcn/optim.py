@@ -21,11 +21,40 @@ import math
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import elementwise_kernel, get_array_module
 from .module import Module, Parameter
-from .routes import register, run
+from .routes import register, run, select
 
 _CHUNK = 1 << 20  # elements updated at a time: keeps the scratch buffer small and cache-friendly
+
+# The GPU route: the whole update of one parameter as one CuPy kernel, element i at a time
+# (the chunked loop below launches several small kernels per 2^20-element chunk on a GPU:
+# hundreds a step for the full FCN).
+# Same operations in the same order as the CPU route, and no fused multiply-adds
+# (--fmad=false), so both give the same bits.
+_SGD_OPERATION = """
+T d = wd != 0 ? g + wd * w : g;     // g + weight_decay * decay_mult * w
+if (mu != 0) {
+    v = mu * v + d;                 // momentum buffer
+    d = nesterov ? d + mu * v : v;  // the step direction
+}
+w -= lr * d;
+"""
+
+
+def fused_update(w, g, v, lr: float, wd: float, mu: float, nesterov: bool) -> None:
+    """SGD's update of one CuPy parameter ``w`` (and its velocity ``v``) in place, in one kernel.
+
+    ``lr`` and ``wd`` already include the parameter's multipliers.
+    """
+    kernel = elementwise_kernel("T g, T lr, T wd, T mu, bool nesterov", "T w, T v", _SGD_OPERATION,
+                                "minifcn_sgd_update", ("--fmad=false",))
+    t = w.dtype.type
+    kernel(g, t(lr), t(wd), t(mu), bool(nesterov), w, v)
+
+
+# Array modules with a fused kernel: the route "fused" applies to their parameters.
+FUSED_UPDATES = {"cupy": fused_update}
 
 
 def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float = 1e-2) -> float:
@@ -51,7 +80,19 @@ def sgd_update(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
     w -= lr * g
 
 
-@register(UPDATE, "chunks", reason="in place, 2^20 elements at a time through one reused scratch buffer")
+def _facts(w):
+    """What the SGD routes' rules read: the parameter's size and array module."""
+    return w.size, get_array_module(w).__name__
+
+
+@register(UPDATE, "fused", applies=lambda size, module: module in FUSED_UPDATES,
+          reason="one element-wise kernel per parameter (CuPy), the same operations in the same order")
+def sgd_update_fused(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """:func:`sgd_update` as the array module's fused kernel (:data:`FUSED_UPDATES`)."""
+    FUSED_UPDATES[get_array_module(w).__name__](w, g, v, lr, weight_decay, momentum, nesterov)
+
+
+@register(UPDATE, "chunked", reason="in place, 2^20 elements at a time through one reused scratch buffer")
 def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
     """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer)."""
     xp, mu, wd = get_array_module(w), momentum, weight_decay
@@ -91,10 +132,12 @@ class SGD:
         lr: base learning rate; each parameter uses ``lr * p.lr_mult``.
         momentum, weight_decay (times ``p.decay_mult``), nesterov.
 
-    ``step()`` updates each parameter through :func:`minifcn.routes.select`:
-    the fast route ``chunks`` (in place, 2^20 elements at a time through one
-    scratch buffer, no temporary as large as a parameter) or the textbook
-    :func:`sgd_update`.
+    ``step()`` updates each parameter in place by the route
+    :func:`minifcn.routes.select` picks: ``fused`` (CuPy: one kernel per
+    parameter, :func:`fused_update`), ``chunked`` (NumPy: 2^20 elements at a
+    time through one scratch buffer, no temporary as large as a parameter) or,
+    under ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on
+    whole arrays. ``SGD.route(p)`` names the route of ``p``.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
@@ -133,11 +176,16 @@ class SGD:
             buf = self._scratch[key] = xp.empty(min(size, _CHUNK) if size > 0 else 1, dtype=dtype)
         return buf
 
+    @staticmethod
+    def route(p: Parameter) -> str:
+        """'fused' (CuPy), 'chunked' (NumPy) or 'textbook' (in textbook mode): how ``step`` updates ``p``."""
+        return select(UPDATE, *_facts(p.data)).name
+
     def step(self) -> None:
         for name, p in self.named_params:
             w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
             args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
-            run(UPDATE, (w.size,), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
+            run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""

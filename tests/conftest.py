@@ -1,7 +1,10 @@
-"""Shared fixtures: the array-module switch, tie-free random inputs, and whole-model gradients.
+"""Shared fixtures: the array-module and device switches, tie-free random inputs, and whole-model gradients.
 
-``xp`` runs a test once on NumPy and once on CuPy (the CuPy run is marked
-``gpu`` and skipped where no GPU is visible), so layer tests are written once.
+``xp`` runs a test once on NumPy and once on CuPy, ``device`` once with
+``"cpu"`` and once with ``"gpu"`` (the GPU run is marked ``gpu`` and skipped
+where no GPU is visible), so layer, model, optimiser, metric, checkpoint and
+training tests are written once. Results are compared through ``to_numpy``:
+CuPy arrays refuse NumPy's implicit conversion.
 """
 from __future__ import annotations
 
@@ -24,6 +27,15 @@ def xp(request):
     import cupy  # noqa: PLC0415 (only reached when gpu_available())
 
     return cupy
+
+
+@pytest.fixture(params=[
+    pytest.param("cpu", id="cpu"),
+    pytest.param("gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason=_NO_GPU)]),
+])
+def device(request):
+    """The device a test runs on: ``"cpu"``, or ``"gpu"`` when CuPy sees one (use with ``to_device``, ``model.to``)."""
+    return request.param
 
 
 def tie_free_array(shape, rng, step=2e-3, margin=0.1):
@@ -76,9 +88,9 @@ def check_batch_gradient_is_the_sum(model, x, dy):
     dx, both = model_gradients(model, x, dy)
     dx0, first = model_gradients(model, x[:1], dy[:1])
     dx1, second = model_gradients(model, x[1:], dy[1:])
-    np.testing.assert_allclose(dx, np.concatenate([dx0, dx1]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(dx), np.concatenate([to_numpy(dx0), to_numpy(dx1)]), rtol=1e-10, atol=1e-12)
     for n in both:
-        np.testing.assert_allclose(both[n], first[n] + second[n], rtol=1e-9, atol=1e-12, err_msg=n)
+        np.testing.assert_allclose(to_numpy(both[n]), to_numpy(first[n] + second[n]), rtol=1e-9, atol=1e-12, err_msg=n)
 
 
 @pytest.fixture

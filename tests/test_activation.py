@@ -8,6 +8,7 @@ from minifcn import reference as ref
 from minifcn.backend import to_numpy
 from minifcn.gradcheck import check_layer
 from minifcn.layers import Dropout, ReLU
+from minifcn.layers.activation import hashed_keep_mask, splitmix64
 
 SHAPES = [(1, 1, 3, 4), (2, 3, 5, 4), (3, 5, 2, 7)]
 SHAPE_IDS = ["n1-c1-3x4", "n2-c3-5x4", "n3-c5-2x7"]
@@ -142,3 +143,45 @@ def test_dropout_errors():
     layer(np.zeros((1, 1, 2, 2)))
     with pytest.raises(ValueError, match=r"upstream gradient has shape \(1, 1, 2, 3\)"):
         layer.backward(np.zeros((1, 1, 2, 3)))
+
+
+def test_splitmix64_gives_the_published_sequence():
+    """The device masks' hash is SplitMix64: its published outputs for seeds 0 and 1234567."""
+    assert [int(v) for v in splitmix64(0, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert int(splitmix64(1234567, 1)[0]) == 6457827717110365317
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_hashed_masks_keep_one_minus_p_independently(p):
+    """The GPU's masks (here their NumPy twin): kept with probability 1 - p, scaled by 1 / (1 - p),
+    independent between neighbouring elements and between seeds."""
+    threshold = int(np.ceil(p * 2**24))
+    size = 200_000
+    a = hashed_keep_mask(7, size, threshold, 1 / (1 - p), dtype=np.float32) != 0
+    b = hashed_keep_mask(8, size, threshold, 1 / (1 - p), dtype=np.float32) != 0
+    sigma = np.sqrt(p * (1 - p) / size)
+    assert abs(a.mean() - (1 - p)) < 5 * sigma
+    assert abs((a & b).mean() - (1 - p) ** 2) < 5 * sigma         # seeds: independent
+    assert abs((a[1:] & a[:-1]).mean() - (1 - p) ** 2) < 5 * sigma  # neighbours: independent
+    np.testing.assert_array_equal(a, hashed_keep_mask(7, size, threshold, 2.0) != 0)  # a seed, a mask
+    assert set(np.unique(hashed_keep_mask(7, 100, threshold, 1 / (1 - p), dtype=np.float32))) <= {0, np.float32(1 / (1 - p))}
+
+
+def test_host_masks_option_keeps_the_host_draw(rng):
+    """On NumPy both settings draw from the layer's Generator; host_masks=True is the setting that
+    does so on the GPU too (the same masks on either device)."""
+    x = rng.standard_normal((2, 3, 4, 5))
+    np.testing.assert_array_equal(Dropout(0.4, seed=9)(x), Dropout(0.4, seed=9, host_masks=True)(x))
+    assert "host_masks=True" in repr(Dropout(0.4, host_masks=True))
+
+
+def test_device_masks_follow_the_host_generator(xp, rng):
+    """The GPU's mask of a forward is drawn from a seed the host Generator gives, so the host state
+    (what checkpoints save) replays it exactly; on NumPy the host draws the mask itself."""
+    x = xp.asarray(rng.standard_normal((2, 3, 4, 5)))
+    layer = Dropout(0.5, seed=4)
+    state = layer.rng.bit_generator.state
+    first = to_numpy(layer(x))
+    assert not np.array_equal(to_numpy(layer(x)), first)
+    layer.rng.bit_generator.state = state
+    np.testing.assert_array_equal(to_numpy(layer(x)), first)

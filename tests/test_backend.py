@@ -109,3 +109,40 @@ def test_importing_minifcn_does_not_import_cupy_or_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={"MINIFCN_DEVICE": "gpu", "PATH": "", "PYTHONPATH": ":".join(sys.path)})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+class GpuStandIn:
+    """Looks like a CuPy array to minifcn's device checks (its type's module is ``cupy``), holds a
+    NumPy array for shape and dtype; any real computation with it would fail, so each check below
+    must stop it first."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.shape, self.dtype, self.ndim, self.size = self.array.shape, self.array.dtype, self.array.ndim, self.array.size
+
+
+def test_a_mismatched_device_is_named_by_the_layers_input_checks():
+    """A model on one device fed a batch from the other gets an error naming both devices (instead of
+    CuPy's TypeError on an implicit conversion, or a silent copy)."""
+    from minifcn.layers import Add, ConvTranspose2d, SoftmaxCrossEntropy  # noqa: PLC0415
+    from minifcn.models import FCN8s  # noqa: PLC0415
+
+    assert device_of(GpuStandIn([1.0])) == "gpu"
+    on_gpu = r"on the GPU \(a CuPy array\)"
+    on_cpu = r"on the CPU \(a NumPy array\)"
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    for cls in (Conv2d, ConvTranspose2d):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: input {on_gpu}, weights {on_cpu}; .*to_device"):
+            cls(2, 3, 3)(GpuStandIn(x))
+        layer = cls(2, 3, 3)
+        layer.weight.data = GpuStandIn(layer.weight.data)  # a layer moved to the GPU, a NumPy batch
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: input {on_cpu}, weights {on_gpu}; .*model.to\('cpu'\)"):
+            layer(x)
+    with pytest.raises(ValueError, match=rf"FCN8s|Conv2d: input {on_gpu}, weights {on_cpu}"):
+        FCN8s(num_classes=2, width=1 / 64)(GpuStandIn(np.zeros((1, 3, 8, 8), np.float32)))
+    with pytest.raises(ValueError, match=rf"SoftmaxCrossEntropy: labels {on_gpu}, logits {on_cpu}"):
+        SoftmaxCrossEntropy()(np.zeros((1, 3, 2, 2)), GpuStandIn(np.zeros((1, 2, 2), np.int64)))
+    with pytest.raises(ValueError, match=rf"Add: first input {on_cpu}, second input {on_gpu}"):
+        Add()(x, GpuStandIn(x))

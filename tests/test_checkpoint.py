@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from minifcn.backend import device_of, to_device
 from minifcn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefix
 
 
@@ -21,10 +22,13 @@ def sample():
     return arrays, meta
 
 
-def test_round_trip(tmp_path):
+def test_round_trip(tmp_path, device):
+    """Arrays saved from either device come back as NumPy arrays, bit for bit."""
     arrays, meta = sample()
     path = tmp_path / "sub" / "ckpt.npz"  # the folder is created
-    assert save_checkpoint(path, arrays, meta) == str(path)
+    on_device = {k: to_device(v, device) for k, v in arrays.items()}
+    assert {device_of(v) for v in on_device.values()} == {device}
+    assert save_checkpoint(path, on_device, meta) == str(path)
     loaded, meta2 = load_checkpoint(path)
     assert meta2 == meta
     assert sorted(loaded) == sorted(arrays)

@@ -11,6 +11,7 @@ import pytest
 import minifcn.layers.conv as conv_module
 import minifcn.models.vgg as vgg_module
 import minifcn.module as module_module
+from minifcn.backend import to_device, to_numpy
 from minifcn.gradcheck import check_layer
 from minifcn.layers import ConvTranspose2d, Crop, Scale, bilinear_kernel, upsample_filt
 from minifcn.models import MODELS, EncoderDecoder, FCN8s, FCN8sAtOnce, FCN16s, FCN32s, build_model
@@ -317,14 +318,14 @@ def test_model_gradcheck_catches_a_dropped_pool3_gradient():
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_batch_gradient_is_the_sum_of_per_image_gradients(name, batch_gradient_is_the_sum):
+def test_batch_gradient_is_the_sum_of_per_image_gradients(name, batch_gradient_is_the_sum, device):
     """Backward of a batch of two equals the sum of the two batch-1 backwards (dropout off).
     Batch 1 and batch > 1 take different code paths in the convolutions (the reference trains
     with batch 1); a regression test for 1x1 input gradients that aliased a shared buffer at batch 1."""
-    model = small_model(name, 4)
+    model = small_model(name, 4).to(device)
     model.eval()
-    x = np.concatenate([small_input(name, 5), small_input(name, 6)])
-    g = np.random.default_rng(7).standard_normal(model(x).shape)
+    x = to_device(np.concatenate([small_input(name, 5), small_input(name, 6)]), device)
+    g = to_device(np.random.default_rng(7).standard_normal(model(x).shape), device)
     batch_gradient_is_the_sum(model, x, g)
 
 
@@ -352,7 +353,7 @@ def test_threads_change_no_output_and_no_gradient_beyond_rounding(gradients, mon
 
 
 @pytest.mark.parametrize("name", ["fcn8s", "encoder-decoder"])
-def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, gradients):
+def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, gradients, device):
     """Training sets model.input_grad = False: the first convolution skips its input
     gradient, and every parameter gradient is unchanged."""
     if name == "encoder-decoder":
@@ -361,8 +362,9 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, grad
     else:
         model = small_model(name, 4)
         x = small_input(name, 5)
-    model.eval()
-    g = np.random.default_rng(7).standard_normal(model(x).shape)
+    model.to(device).eval()
+    x = to_device(x, device)
+    g = to_device(np.random.default_rng(7).standard_normal(model(x).shape), device)
     assert model.input_grad is True
     dx, with_dx = gradients(model, x, g)
     assert dx.shape == x.shape
@@ -370,7 +372,7 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, grad
     none, without = gradients(model, x, g)
     assert none is None
     for n in with_dx:
-        np.testing.assert_array_equal(with_dx[n], without[n], err_msg=n)
+        np.testing.assert_array_equal(to_numpy(with_dx[n]), to_numpy(without[n]), err_msg=n)
 
 
 def test_two_models_forward_from_two_user_threads_equal_serial(monkeypatch):
@@ -415,3 +417,4 @@ def test_two_models_forward_from_two_user_threads_equal_serial(monkeypatch):
         assert len(results[i]) == 6
         for y in results[i]:
             np.testing.assert_array_equal(y, serial[i])
+

@@ -266,3 +266,43 @@ def test_errors():
         bce(logits[:, :1], np.array([[[0, 1], [2, 1]]]))
     with pytest.raises(ValueError, match=r"labels must be an integer array, got float32"):
         bce(logits[:, :1], np.zeros((1, 2, 2), np.float32))
+
+
+def put_along_axis_gradient(layer):
+    """The softmax gradient as it was first written: copy the probabilities, subtract 1 at each
+    pixel's label by gather and scatter (``put_along_axis``: CuPy has it only from v14), scale."""
+    prob, safe, weight, norm = layer._cache
+    grad = prob.copy()
+    np.put_along_axis(grad, safe[:, None], np.take_along_axis(grad, safe[:, None], axis=1) - 1, axis=1)
+    grad *= (weight * prob.dtype.type(norm))[:, None]
+    return grad
+
+
+@pytest.mark.parametrize("case", SOFTMAX_CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_elementwise_softmax_gradient_equals_gather_scatter(case, dtype, rng):
+    """prob - onehot as one element-wise comparison gives the gather/scatter result bit for bit."""
+    layer, logits, labels, _ = make_softmax_case(case, rng)
+    layer(logits.astype(dtype), labels)
+    grad = layer.backward()
+    assert grad.dtype == dtype
+    np.testing.assert_array_equal(grad, put_along_axis_gradient(layer))
+
+
+@pytest.mark.parametrize("make", [lambda rng: make_softmax_case("mean-weight-ignore-n2-c4-3x5", rng),
+                                  lambda rng: make_bce_case("mean-ignore-n2-3x5", rng)], ids=["softmax", "bce"])
+def test_one_transfer_to_the_host_per_forward(make, rng, monkeypatch):
+    """The loss, its normaliser and the number of bad labels come back together: one device sync a
+    call on the GPU. A bad label is still reported, with its value, after that transfer."""
+    import minifcn.layers.loss as loss_module  # noqa: PLC0415
+
+    transfers = []
+    real = loss_module.to_numpy
+    monkeypatch.setattr(loss_module, "to_numpy", lambda a: transfers.append(a.shape) or real(a))
+    layer, logits, labels, _ = make(rng)
+    layer(logits, labels)
+    assert transfers == [(3,)]
+    labels = labels.copy()
+    labels.flat[3] = 9
+    with pytest.raises(ValueError, match="label 9 is out of range"):
+        layer(logits, labels)

@@ -6,7 +6,8 @@ from fractions import Fraction as F
 import numpy as np
 import pytest
 
-from minifcn.metrics import ConfusionMatrix, format_scores
+from minifcn.backend import to_device
+from minifcn.metrics import ConfusionMatrix, count_bins, format_scores
 
 # rows = truth, columns = prediction
 MATRIX = np.array([[3, 1, 0],
@@ -23,10 +24,10 @@ def pixels_from(matrix):
     return np.array(pred), np.array(label)
 
 
-def test_matrix_and_four_scores_by_hand():
+def test_matrix_and_four_scores_by_hand(device):
     pred, label = pixels_from(MATRIX)
     cm = ConfusionMatrix(3)
-    cm.update(pred.reshape(2, 5), label.reshape(2, 5))
+    cm.update(to_device(pred.reshape(2, 5), device), to_device(label.reshape(2, 5), device))
     np.testing.assert_array_equal(cm.matrix, MATRIX)
     assert cm.matrix.dtype == np.int64
     s = cm.scores()
@@ -50,15 +51,35 @@ def test_updates_accumulate_and_reset():
     assert cm.matrix.sum() == 0
 
 
-def test_ignore_label_is_skipped():
+def test_ignore_label_is_skipped(device):
     pred, label = pixels_from(MATRIX)
     cm = ConfusionMatrix(3)
     # ignored pixels may hold any prediction, even an out-of-range one
-    cm.update(np.concatenate([pred, [0, 2, 7]]), np.concatenate([label, [255, 255, 255]]).astype(np.uint8))
+    cm.update(to_device(np.concatenate([pred, [0, 2, 7]]), device),
+              to_device(np.concatenate([label, [255, 255, 255]]).astype(np.uint8), device))
     np.testing.assert_array_equal(cm.matrix, MATRIX)
     cm = ConfusionMatrix(3, ignore_index=None)
     with pytest.raises(ValueError, match="label value 255"):
-        cm.update(np.array([0]), np.array([255]))
+        cm.update(to_device(np.array([0]), device), to_device(np.array([255]), device))
+
+
+def test_an_all_ignored_batch_counts_nothing(device):
+    """Every pixel goes to the spare bin (CuPy's bincount of an empty array raised before 14.2)."""
+    cm = ConfusionMatrix(4)
+    cm.update(to_device(np.array([[0, 3], [9, -1]]), device), to_device(np.full((2, 2), 255, np.uint8), device))
+    assert cm.matrix.shape == (4, 4) and cm.matrix.sum() == 0
+    cm.update(to_device(np.zeros((0, 5), np.int64), device), to_device(np.zeros((0, 5), np.int64), device))
+    assert cm.matrix.sum() == 0
+    pred, label = pixels_from(MATRIX)
+    cm = ConfusionMatrix(3)
+    cm.update(to_device(np.full(5, 2), device), to_device(np.full(5, 255), device))
+    cm.update(to_device(pred, device), to_device(label, device))
+    np.testing.assert_array_equal(cm.matrix, MATRIX)  # the spare bin never leaks into the matrix
+
+
+def test_count_bins(device):
+    index = to_device(np.array([0, 3, 3, 9, 0, 3]), device)
+    np.testing.assert_array_equal(np.asarray(to_device(count_bins(index, 10), "cpu")), [2, 0, 0, 3, 0, 0, 0, 0, 0, 1])
 
 
 def test_absent_class_is_nan_and_skipped_in_means():
@@ -88,14 +109,22 @@ def test_empty_matrix_all_nan_without_warnings():
     assert all(math.isnan(v) for v in s["per_class_iu"])
 
 
-def test_out_of_range_and_bad_inputs():
+def test_out_of_range_and_bad_inputs(device):
     cm = ConfusionMatrix(3)
+
+    def on(*values):
+        return to_device(np.array(values), device)
+
     with pytest.raises(ValueError, match="label value 3 is out of range for 3 classes"):
-        cm.update(np.array([0, 1]), np.array([0, 3]))
+        cm.update(on(0, 1), on(0, 3))
     with pytest.raises(ValueError, match="label value -1"):
-        cm.update(np.array([0, 1]), np.array([0, -1]))
+        cm.update(on(0, 1), on(0, -1))
     with pytest.raises(ValueError, match="prediction value 5 is out of range"):
-        cm.update(np.array([5, 1]), np.array([0, 1]))
+        cm.update(on(5, 1), on(0, 1))
+    with pytest.raises(ValueError, match="label value 7 is out of range"):  # a bad label is named before a bad prediction
+        cm.update(on(1, 9, 0), on(1, 7, 255))
+    with pytest.raises(ValueError, match="prediction value 9"):
+        cm.update(on(1, 9, 4), on(1, 2, 255))
     with pytest.raises(ValueError, match="shape"):
         cm.update(np.zeros((2, 3), int), np.zeros((3, 2), int))
     with pytest.raises(ValueError, match="integer"):

@@ -7,6 +7,9 @@ import math
 import numpy as np
 import pytest
 
+import minifcn.optim as optim_module
+from minifcn import routes
+from minifcn.backend import to_device, to_numpy
 from minifcn.models import FCN8s
 from minifcn.module import Parameter
 from minifcn.optim import SGD, ConstantLR, PolyLR, StepLR, make_schedule, suggest_lr
@@ -15,21 +18,21 @@ GRADS_A = ([0.5, 0.25], [-1.0, 0.5])  # gradient of parameter a at step 1 and st
 GRADS_B = ([1.0], [2.0])
 
 
-def two_steps(nesterov):
+def two_steps(nesterov, device="cpu"):
     """lr 0.1, momentum 0.9, weight decay 0.1; a with multipliers (1, 1), b with (2, 0) (an FCN bias)."""
-    a = Parameter(np.array([1.0, -2.0]))
-    b = Parameter(np.array([3.0]), lr_mult=2.0, decay_mult=0.0)
+    a = Parameter(to_device(np.array([1.0, -2.0]), device))
+    b = Parameter(to_device(np.array([3.0]), device), lr_mult=2.0, decay_mult=0.0)
     opt = SGD([a, b], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=nesterov)
     after = []
     for ga, gb in zip(GRADS_A, GRADS_B):
-        a.grad[...], b.grad[...] = ga, gb
+        a.grad[...], b.grad[...] = to_device(np.array(ga), device), to_device(np.array(gb), device)
         opt.step()
-        after.append((a.data.copy(), b.data.copy()))
+        after.append((to_numpy(a.data).copy(), to_numpy(b.data).copy()))
     return after
 
 
-def test_two_steps_by_hand():
-    (a1, b1), (a2, b2) = two_steps(nesterov=False)
+def test_two_steps_by_hand(device):
+    (a1, b1), (a2, b2) = two_steps(nesterov=False, device=device)
     # a: lr 0.1, decay 0.1.
     #   step 1: g + wd*w = [0.5 + 0.1*1, 0.25 + 0.1*(-2)] = [0.6, 0.05]; v = [0.6, 0.05]
     #           w = [1 - 0.1*0.6, -2 - 0.1*0.05] = [0.94, -2.005]
@@ -44,8 +47,8 @@ def test_two_steps_by_hand():
     np.testing.assert_allclose(b2, [2.22], rtol=0, atol=1e-12)
 
 
-def test_two_nesterov_steps_by_hand():
-    (a1, b1), (a2, b2) = two_steps(nesterov=True)
+def test_two_nesterov_steps_by_hand(device):
+    (a1, b1), (a2, b2) = two_steps(nesterov=True, device=device)
     # a: step 1: d = [0.6, 0.05], v = d, update = d + 0.9 v = [1.14, 0.095]
     #            w = [1 - 0.114, -2 - 0.0095] = [0.886, -2.0095]
     #    step 2: d = [-1 + 0.0886, 0.5 - 0.20095] = [-0.9114, 0.29905]
@@ -60,13 +63,13 @@ def test_two_nesterov_steps_by_hand():
     np.testing.assert_allclose(b2, [1.698], rtol=0, atol=1e-12)
 
 
-def test_no_momentum_is_plain_gradient_descent():
-    p = Parameter(np.array([1.0, 2.0]))
+def test_no_momentum_is_plain_gradient_descent(device):
+    p = Parameter(to_device(np.array([1.0, 2.0]), device))
     opt = SGD([p], lr=0.5, momentum=0.0, weight_decay=0.2)
-    p.grad[...] = [1.0, -1.0]
+    p.grad[...] = to_device(np.array([1.0, -1.0]), device)
     opt.step()  # w - 0.5 * (g + 0.2 w) = [1 - 0.5*1.2, 2 - 0.5*(-0.6)] = [0.4, 2.3]
-    np.testing.assert_allclose(p.data, [0.4, 2.3], rtol=0, atol=1e-12)
-    assert not opt.velocity["0"].any()  # no momentum buffer is built up
+    np.testing.assert_allclose(to_numpy(p.data), [0.4, 2.3], rtol=0, atol=1e-12)
+    assert not to_numpy(opt.velocity["0"]).any()  # no momentum buffer is built up
 
 
 def test_frozen_parameters_are_left_alone():
@@ -88,22 +91,24 @@ def test_frozen_parameters_are_left_alone():
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_chunked_update_equals_the_formula(nesterov, dtype):
-    """A parameter of 2^20 + 12345 elements is updated in two chunks; a small one in one.
-    Both must equal the textbook formula on whole arrays."""
+def test_update_equals_the_formula(nesterov, dtype, device):
+    """On the CPU a parameter of 2^20 + 12345 elements is updated in two chunks, a small one in
+    one; on the GPU each in one fused kernel. All must equal the textbook formula on whole arrays."""
     rng = np.random.default_rng(0)
     sizes = (1 << 20) + 12345, 1000
-    params = [Parameter(rng.standard_normal(s).astype(dtype), lr_mult=m, decay_mult=d)
+    params = [Parameter(to_device(rng.standard_normal(s).astype(dtype), device), lr_mult=m, decay_mult=d)
               for s, m, d in zip(sizes, (1.0, 2.0), (1.0, 0.0))]
+    fast = "chunked" if device == "cpu" else "fused"
+    assert {SGD.route(p) for p in params} == {fast if routes.mode() == "fast" else "textbook"}
     lr, mu, wd = 0.01, 0.9, 5e-4
     opt = SGD(params, lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
-    w = [p.data.astype(np.float64) for p in params]
+    w = [to_numpy(p.data).astype(np.float64) for p in params]
     v = [np.zeros_like(x) for x in w]
-    tail = params[0].data[-100:].copy()  # past the chunk boundary
+    tail = to_numpy(params[0].data[-100:]).copy()  # past the chunk boundary
     for _ in range(3):
         for i, p in enumerate(params):
             g = rng.standard_normal(p.shape).astype(dtype)
-            p.grad[...] = g
+            p.grad[...] = to_device(g, device)
             d = g.astype(np.float64) + wd * p.decay_mult * w[i]
             v[i] = mu * v[i] + d
             w[i] = w[i] - lr * p.lr_mult * (d + mu * v[i] if nesterov else v[i])
@@ -111,8 +116,25 @@ def test_chunked_update_equals_the_formula(nesterov, dtype):
     tol = 1e-12 if dtype == np.float64 else 1e-5
     for i, (p, want) in enumerate(zip(params, w)):
         assert p.data.dtype == dtype and opt.velocity[str(i)].dtype == dtype
-        np.testing.assert_allclose(p.data, want, rtol=tol, atol=tol)
-    assert (params[0].data[-100:] != tail).all()  # the second chunk was updated too
+        np.testing.assert_allclose(to_numpy(p.data), want, rtol=tol, atol=tol)
+    assert (to_numpy(params[0].data[-100:]) != tail).all()  # the second chunk was updated too
+
+
+def test_the_route_is_chosen_by_the_array_module(monkeypatch):
+    """NumPy parameters take the chunked loop; an array module listed in FUSED_UPDATES (CuPy) its
+    fused kernel, called once per parameter with the multipliers folded in (a stand-in records it)."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # (the textbook mode takes neither)
+    calls = []
+    p = Parameter(np.array([1.0, 2.0]), lr_mult=2.0, decay_mult=0.0)
+    q = Parameter(np.array([3.0]))
+    opt = SGD([p, q], lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    assert SGD.route(p) == "chunked"
+    monkeypatch.setitem(optim_module.FUSED_UPDATES, "numpy", lambda *args: calls.append(args))
+    assert SGD.route(p) == "fused"
+    opt.step()
+    assert [(len(c[0]), c[3:]) for c in calls] == [(2, (0.2, 0.0, 0.9, True)), (1, (0.1, 0.01, 0.9, True))]
+    assert calls[0][0].base is p.data or calls[0][0] is p.data  # the parameter itself, updated in place
+    np.testing.assert_array_equal(p.data, [1.0, 2.0])  # the stand-in did the (no) update, not the loop
 
 
 def test_float32_stays_float32():

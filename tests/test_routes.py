@@ -42,6 +42,7 @@ def test_the_mode_is_per_thread(monkeypatch):
 
 
 def test_select_takes_the_first_fast_route_that_applies_else_the_textbook(monkeypatch):
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")
     monkeypatch.setattr(routes, "_TEXTBOOK", {})
     monkeypatch.setattr(routes, "_FAST", {})
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import minifcn.train as train_module
+from minifcn.backend import device_of
 from minifcn.checkpoint import load_checkpoint
 from minifcn.data import DatasetError, get_dataset
 from minifcn.train import TrainConfig, TrainingDiverged, load_model, train
@@ -106,6 +107,17 @@ def test_checkpoint_rebuilds_the_trained_model(learned):
     val = get_dataset("shapes", split="val", num_images=cfg.val_images, image_size=cfg.image_size, seed=cfg.seed)
     scores = evaluate(model, DataLoader(val, cfg.batch_size, mean=IMAGENET_MEAN_RGB, scale=cfg.input_scale), meta["num_classes"])
     assert scores["mean_iu"] == pytest.approx(history[-1]["mean_iu"])
+
+
+def test_one_epoch_on_each_device(tmp_path, device):
+    """train(..., device=...) runs on the GPU as on the CPU: the model lives there, its checkpoint
+    loads back on either device, and the scores are finite."""
+    cfg = tiny_fcn(tmp_path, epochs=1, device=device)
+    history = train(cfg, log=lambda *a: None)
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and 0 <= history[0]["mean_iu"] <= 1
+    for where in ("cpu", device):
+        model, _ = load_model(tmp_path / "checkpoint.npz", device=where)
+        assert {device_of(p.data) for p in model.parameters()} == {where}
 
 
 @pytest.fixture(scope="module")

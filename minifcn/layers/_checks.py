@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import numbers
 
+from ..backend import device_of
+
+_DEVICE_WORDS = {"cpu": "the CPU (a NumPy array)", "gpu": "the GPU (a CuPy array)"}
+
 
 def pair(value, name: str, minimum: int = 0):
     """Return ``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
@@ -34,6 +38,17 @@ def check_nchw(x, layer: str, channels: int | None = None):
     return x
 
 
+def check_same_device(x, other, layer: str, what: str = "input", other_what: str = "weights"):
+    """``x`` and ``other`` on one device, else an error naming both (instead of CuPy's
+    TypeError on an implicit conversion, or a silent copy)."""
+    here, there = device_of(x), device_of(other)
+    if here != there:
+        raise ValueError(
+            f"{layer}: {what} on {_DEVICE_WORDS[here]}, {other_what} on {_DEVICE_WORDS[there]}; move one of "
+            f"them to the other's device: minifcn.backend.to_device(array, {there!r}), or model.to({here!r})")
+    return x
+
+
 def check_grad(dy, expected_shape, layer: str):
     """Validate an upstream gradient against the shape forward produced."""
     if dy is None:
@@ -62,7 +77,9 @@ def check_accumulate(accumulate, shape, xp, dtype, where: str):
 
 
 def check_same_dtype(x, weight, layer: str):
-    """An input whose dtype is not the weight's (NumPy would promote, silently and slowly)."""
+    """An input on another device than the weight, or whose dtype is not the weight's (NumPy
+    would promote, silently and slowly)."""
+    check_same_device(x, weight, layer)
     if x.dtype != weight.dtype:
         raise ValueError(f"{layer}: input dtype {x.dtype} does not match weight dtype {weight.dtype}; cast one "
                          f"of them (layer.astype({x.dtype.name!r}) or x.astype({weight.dtype.name!r}))")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..backend import get_array_module
 from ..module import Module
-from ._checks import check_grad, check_nchw, need_forward, pair
+from ._checks import check_grad, check_nchw, check_same_device, need_forward, pair
 
 
 class Crop(Module):
@@ -52,6 +52,7 @@ class Add(Module):
     def forward(self, a, b):
         if tuple(a.shape) != tuple(b.shape):
             raise ValueError(f"Add: shapes must match, got {tuple(a.shape)} and {tuple(b.shape)}")
+        check_same_device(a, b, "Add", "first input", "second input")
         self._shape = a.shape
         return a + b
 
@@ -72,6 +73,7 @@ class Concat(Module):
         ref = inputs[0].shape
         for i, t in enumerate(inputs):
             check_nchw(t, "Concat")
+            check_same_device(t, inputs[0], "Concat", f"input {i}", "input 0")
             if t.shape[0] != ref[0] or t.shape[2:] != ref[2:]:
                 raise ValueError(f"Concat: input {i} has shape {tuple(t.shape)}, which does not match input 0's "
                                  f"{tuple(ref)} in N, H and W")

@@ -7,29 +7,45 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import get_array_module, to_numpy
 from ..module import Module
-from ._checks import check_nchw, need_forward
+from ._checks import check_nchw, check_same_device, need_forward
 
 _REDUCTIONS = ("mean", "sum")
 
 
-def _check_labels(labels, logits_shape, layer, num_classes, ignore_index):
-    """Integer labels (N, H, W) in [0, num_classes) or equal to ignore_index."""
-    xp = get_array_module(labels)
+def _label_masks(labels, logits, layer, num_classes, ignore_index):
+    """``(counted, bad)`` boolean masks of integer labels (N, H, W): counted pixels hold a label in
+    [0, num_classes); bad ones hold neither such a label nor ignore_index.
+
+    Nothing is read back from the device here: the caller brings the number of
+    bad pixels to the host together with the loss (one transfer a call) and
+    then raises :func:`_raise_bad_label`. Bad pixels are left out of
+    ``counted``, so the arithmetic before that check never indexes out of range.
+    """
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iub":
         kind = getattr(getattr(labels, "dtype", None), "name", type(labels).__name__)
         raise ValueError(f"{layer}: labels must be an integer array, got {kind}")
-    n, _, h, w = logits_shape
+    n, _, h, w = logits.shape
     if labels.shape != (n, h, w):
         raise ValueError(f"{layer}: labels must have shape (N, H, W) = {(n, h, w)}, got {tuple(labels.shape)}")
-    valid = labels != ignore_index if ignore_index is not None else xp.ones(labels.shape, dtype=bool)
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        value = int(labels[bad].ravel()[0])
-        raise ValueError(f"{layer}: label {value} is out of range for {num_classes} classes "
-                         f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})")
-    return valid
+    check_same_device(labels, logits, layer, "labels", "logits")
+    in_range = (labels >= 0) & (labels < num_classes)
+    if ignore_index is None:
+        return in_range, ~in_range
+    ignored = labels == ignore_index
+    return in_range & ~ignored, ~(in_range | ignored)
+
+
+def _raise_bad_label(labels, bad, layer, num_classes, ignore_index):
+    value = int(labels[bad].ravel()[0])
+    raise ValueError(f"{layer}: label {value} is out of range for {num_classes} classes "
+                     f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})")
+
+
+def _to_host(xp, *scalars):
+    """Device scalars as Python floats, in one transfer (one device sync on the GPU)."""
+    return to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in scalars])).tolist()
 
 
 class SoftmaxCrossEntropy(Module):
@@ -63,7 +79,7 @@ class SoftmaxCrossEntropy(Module):
         check_nchw(logits, "SoftmaxCrossEntropy")
         xp = get_array_module(logits)
         c = logits.shape[1]
-        valid = _check_labels(labels, logits.shape, "SoftmaxCrossEntropy", c, self.ignore_index)
+        valid, bad = _label_masks(labels, logits, "SoftmaxCrossEntropy", c, self.ignore_index)
         if self.class_weight is not None and self.class_weight.shape != (c,):
             raise ValueError(f"SoftmaxCrossEntropy: class_weight must have shape ({c},), got {self.class_weight.shape}")
         safe = xp.where(valid, labels, 0).astype(xp.int64)
@@ -75,18 +91,24 @@ class SoftmaxCrossEntropy(Module):
         weight = valid.astype(logits.dtype)
         if self.class_weight is not None:
             weight = weight * xp.asarray(self.class_weight.astype(logits.dtype))[safe]
-        total = weight.sum()
-        norm = (1.0 / float(total) if float(total) > 0 else 0.0) if self.reduction == "mean" else 1.0
+        loss_sum, total, n_bad = _to_host(xp, (pixel_loss * weight).sum(), weight.sum(), bad.sum())
+        if n_bad:
+            _raise_bad_label(labels, bad, "SoftmaxCrossEntropy", c, self.ignore_index)
+        norm = (1.0 / total if total > 0 else 0.0) if self.reduction == "mean" else 1.0
         self._cache = (exp / sumexp, safe, weight, norm)
-        return float((pixel_loss * weight).sum()) * norm
+        return loss_sum * norm
 
     def backward(self, scale: float = 1.0):
-        """Returns dlogits (N, C, H, W) = scale * norm * weight * (softmax - onehot)."""
+        """Returns dlogits (N, C, H, W) = scale * norm * weight * (softmax - onehot).
+
+        Element-wise over (N, C, H, W): ``onehot`` is the boolean comparison of
+        each channel's index with the pixel's label, so there is no gather or
+        scatter (CuPy has ``put_along_axis`` only from v14).
+        """
         prob, safe, weight, norm = need_forward(self._cache, "SoftmaxCrossEntropy")
         xp = get_array_module(prob)
-        grad = prob.copy()
-        onehot_sub = xp.take_along_axis(grad, safe[:, None], axis=1) - 1
-        xp.put_along_axis(grad, safe[:, None], onehot_sub, axis=1)
+        onehot = safe[:, None] == xp.arange(prob.shape[1])[:, None, None]   # (N, C, H, W) bool
+        grad = prob - onehot                                                # float minus bool: stays float
         grad *= (weight * prob.dtype.type(scale * norm))[:, None]
         return grad
 
@@ -119,17 +141,19 @@ class SigmoidBinaryCrossEntropy(Module):
             if targets.shape[1] != 1:
                 raise ValueError(f"SigmoidBinaryCrossEntropy: targets must be (N, H, W) or (N, 1, H, W), got {tuple(targets.shape)}")
             targets = targets[:, 0]
-        valid = _check_labels(targets, logits.shape, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+        valid, bad = _label_masks(targets, logits, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         z = logits[:, 0]
         t = xp.where(valid, targets, 0).astype(logits.dtype)
         e = xp.exp(-xp.abs(z))                                        # in (0, 1]: never overflows
         pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(e)
         weight = valid.astype(logits.dtype)
-        count = float(weight.sum())
+        loss_sum, count, n_bad = _to_host(xp, (pixel_loss * weight).sum(), weight.sum(), bad.sum())
+        if n_bad:
+            _raise_bad_label(targets, bad, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
         prob = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))             # sigmoid(z) without exp(-z)
         self._cache = (prob, t, weight, norm)
-        return float((pixel_loss * weight).sum()) * norm
+        return loss_sum * norm
 
     def backward(self, scale: float = 1.0):
         """Returns dlogits (N, 1, H, W) = scale * norm * weight * (sigmoid(z) - t)."""
