@@ -34,6 +34,7 @@ so two user threads, or two band workers, never share one.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 
@@ -45,7 +46,18 @@ BAND_BYTES = {"numpy": 4 << 20, "cupy": 0}
 BAND_CHANNELS = 64         # products with more output channels are compute-bound: one band
 MIN_COPY_BYTES = 64 << 10  # a band moves at least this much per kernel offset
 
-_local = threading.local()  # .buffers: this thread's scratch arrays, by (module, dtype, name)
+class _Buffers:
+    """One thread's scratch arrays, ``arrays[(module, dtype, name)]`` (an object a WeakSet can hold)."""
+
+    __slots__ = ("arrays", "__weakref__")
+
+    def __init__(self):
+        self.arrays = {}
+
+
+_local = threading.local()        # .buffers: this thread's _Buffers
+_every_thread = weakref.WeakSet()  # all live threads' _Buffers, for release_workspaces
+_lock = threading.Lock()
 
 
 def workspace(xp, dtype, shape, name="columns"):
@@ -60,13 +72,23 @@ def workspace(xp, dtype, shape, name="columns"):
     """
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
-        buffers = _local.buffers = {}
+        buffers = _local.buffers = _Buffers()
+        with _lock:
+            _every_thread.add(buffers)
     size = int(np.prod(shape))
     key = (xp.__name__, np.dtype(dtype).str, name)
-    buf = buffers.get(key)
+    buf = buffers.arrays.get(key)
     if buf is None or buf.size < size:
-        buf = buffers[key] = xp.empty(size, dtype=dtype)
+        buf = buffers.arrays[key] = xp.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+def release_workspaces() -> None:
+    """Free every thread's scratch buffers (they are re-created on demand), for
+    example between unrelated jobs in one process; not while a convolution runs."""
+    with _lock:
+        for buffers in _every_thread:
+            buffers.arrays.clear()
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
