@@ -25,13 +25,32 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
 
 
-def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> str:
-    """Atomically write ``arrays`` (name -> NumPy or CuPy array) and ``meta`` (JSON-able) to ``path``."""
+SUFFIX = ".npz"  # of the temporaries a save writes beside the target (see minifcn.atomic)
+
+
+def checkpoint_writer(arrays: dict, meta: dict | None = None):
+    """A ``write(binary_file)`` function that writes ``arrays`` and ``meta`` as one ``.npz``
+    (for :func:`minifcn.atomic.atomic_write_all`, to write a checkpoint together with other files)."""
     payload = {name: to_numpy(a) for name, a in arrays.items()}
     if _META_KEY in payload:
         raise ValueError(f"array name {_META_KEY!r} is reserved")
     payload[_META_KEY] = np.frombuffer(json.dumps(meta or {}).encode("utf-8"), dtype=np.uint8)
-    return atomic_write(path, lambda f: np.savez(f, **payload), suffix=".npz")
+    return lambda f: np.savez(f, **payload)
+
+
+def save_checkpoint(path, arrays: dict, meta: dict | None = None) -> str:
+    """Atomically write ``arrays`` (name -> NumPy or CuPy array) and ``meta`` (JSON-able) to ``path``."""
+    return atomic_write(path, checkpoint_writer(arrays, meta), suffix=SUFFIX)
+
+
+def first_nonfinite(arrays: dict):
+    """``(name, count)`` of the first floating array holding NaN or infinity, or None."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                return name, bad
+    return None
 
 
 def load_checkpoint(path):
@@ -39,6 +58,9 @@ def load_checkpoint(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not zipfile.is_zipfile(path):  # else np.load would try .npy, then call it "pickled data"
+        raise CheckpointError(f"checkpoint {path!r} is not an .npz archive (not a zip file): corrupt, "
+                              f"truncated, or some other kind of file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -52,6 +74,18 @@ def load_checkpoint(path):
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: unreadable metadata ({exc})") from None
     return arrays, meta
+
+
+def read_meta(path) -> dict:
+    """Only the metadata of a checkpoint (its arrays are not read)."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not an .npz archive (not a zip file)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return json.loads(archive[_META_KEY].tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path!r}: unreadable metadata ({exc})") from None
 
 
 def split_prefix(arrays: dict, prefix: str) -> dict:

@@ -44,14 +44,19 @@ def _add_train(sub):
     p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from OUT/checkpoint.npz (same model, width, dataset, image size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run files of a non-empty OUT (without it, or --resume, OUT must be empty)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="folder datasets: the number of classes (None: the largest mask value + 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def cmd_train(args):
     from .backend import check_device  # noqa: PLC0415
-    from .train import TrainConfig, TrainingDiverged, train  # noqa: PLC0415
+    from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, train  # noqa: PLC0415
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, out=args.out, width=args.width,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -61,13 +66,17 @@ def cmd_train(args):
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
                       bgr=args.bgr,
                       vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
-                      resume=args.resume, progress=not args.no_progress)
+                      resume=args.resume, overwrite=args.overwrite, num_classes=args.num_classes,
+                      progress=not args.no_progress)
     start = time.perf_counter()
     try:
         history = train(cfg)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)  # one line: where the last checkpoint is, how to resume
+        return 130
     if history:
         best = max(history, key=lambda r: r["mean_iu"])
         print(f"done in {time.perf_counter() - start:.0f} s: best mean IU {best['mean_iu']:.4f} at epoch "
@@ -76,18 +85,13 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .data import DataLoader, IMAGENET_MEAN_RGB, get_dataset, validate_dataset  # noqa: PLC0415
+    from .data import DataLoader, IMAGENET_MEAN_RGB, validate_dataset  # noqa: PLC0415
     from .metrics import format_scores  # noqa: PLC0415
-    from .train import TrainConfig, evaluate, load_model, strict_json  # noqa: PLC0415
+    from .train import TrainConfig, dataset_for_checkpoint, evaluate, load_model, strict_json  # noqa: PLC0415
 
     model, meta = load_model(args.checkpoint, args.device or "cpu")
     cfg = TrainConfig.from_dict(meta["config"])
-    name = args.dataset or (cfg.dataset if not args.data_dir else "folder")
-    if name == "shapes":
-        dataset = get_dataset("shapes", split=args.split, image_size=cfg.image_size, seed=cfg.seed,
-                              num_images=cfg.val_images if args.split == "val" else cfg.train_images)
-    else:
-        dataset = get_dataset(name, args.data_dir or cfg.data_dir, split=args.split)
+    name, dataset = dataset_for_checkpoint(meta, args.dataset, args.data_dir, args.split, args.checkpoint)
     validate_dataset(dataset, meta["num_classes"])
     loader = DataLoader(dataset, 1, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
     scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu")
@@ -224,6 +228,9 @@ def main(argv=None):
                 "explain": cmd_explain}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print(f"interrupted: minifcn {args.command} stopped", file=sys.stderr)
+        return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         # Bad input (a corrupt checkpoint, a missing dataset, a label out of range...): one clear line.
         print(f"error: {exc}", file=sys.stderr)

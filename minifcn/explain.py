@@ -331,8 +331,17 @@ def transposed_output_sizes(in_size, kernel, stride=1, padding=0, dilation=1):
     return out
 
 
+def _check_geometry(command, size, kernel, stride, padding, dilation):
+    """Refuse a geometry the formulas cannot take, naming the option and the value."""
+    for name, value, least in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1),
+                               ("padding", padding, 0), ("dilation", dilation, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"explain {command}: --{name} must be an integer >= {least}, got {value!r}")
+
+
 def size_report(size, kernel, stride=1, padding=0, dilation=1) -> str:
     """The two size formulas with the numbers put in, and the output_padding story, as text."""
+    _check_geometry("sizes", size, kernel, stride, padding, dilation)
     k, s, p, d = kernel, stride, padding, dilation
     lines = []
     num = size + 2 * p - d * (k - 1) - 1
@@ -368,6 +377,7 @@ def size_report(size, kernel, stride=1, padding=0, dilation=1) -> str:
 
 def conv_matrix_report(size=4, kernel=3, stride=2, padding=1, dilation=1) -> str:
     """``minifcn explain conv-matrix``: the matrix C of a one-channel convolution with weights 1..k*k and the identities."""
+    _check_geometry("conv-matrix", size, kernel, stride, padding, dilation)
     weight = np.arange(1, kernel * kernel + 1, dtype=np.float64).reshape(1, 1, kernel, kernel)
     demo = transposed_conv_demo((1, size, size), weight, stride, padding, dilation)
     oh, ow = demo.out_shape[1:]

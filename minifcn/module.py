@@ -4,6 +4,13 @@ A :class:`Module` has an explicit ``forward`` that keeps what its backward
 needs, and an explicit ``backward(dy)`` that returns the input gradient and
 *accumulates* (``+=``) into each parameter's ``.grad``. There is no autograd:
 a model's backward calls its layers' backward in reverse order by hand.
+
+The rule of the saved input (as in PyTorch): a layer may keep the array its
+forward was given, without copying it, until its backward. Do not change that
+array in place in between; change it after backward, or pass a copy. The
+convolutions, which keep their inputs for the weight gradient, check a sample
+of it in backward and raise RuntimeError if it changed
+(:class:`minifcn.layers._checks.SavedInput`).
 """
 from __future__ import annotations
 

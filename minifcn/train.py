@@ -10,8 +10,19 @@ split and writes into ``config.out``:
 * ``loss.png`` (loss and mean IU curves) and ``predictions.png`` (images,
   ground truth, predictions).
 
-A non-finite loss stops training with :class:`TrainingDiverged`; the last
-good checkpoint on disk is left as it was.
+Nothing is lost and nothing is silently wrong:
+
+* a run folder that holds anything is refused unless ``resume`` (continue
+  from its checkpoint, which must exist and was trained with the same model,
+  width, dataset and image size) or ``overwrite`` (replace its run files);
+* each epoch's checkpoint, best checkpoint and ``metrics.jsonl`` are written
+  together (:func:`minifcn.atomic.atomic_write_all`), only after the weights
+  and the validation logits were found finite, so the files always agree and
+  the last checkpoint is always a good one; temporaries left by a killed save
+  are deleted at the next start;
+* a non-finite loss, weight or logit stops training with
+  :class:`TrainingDiverged`, Ctrl-C with :class:`TrainingInterrupted`; both
+  say where the last good checkpoint is.
 """
 from __future__ import annotations
 
@@ -23,9 +34,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .backend import check_device, to_device, to_numpy
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, split_prefix
-from .data import DataLoader, IMAGENET_MEAN_RGB, get_dataset, validate_dataset
+from .atomic import atomic_write_all, remove_temporaries
+from .backend import check_device, get_array_module, to_device, to_numpy
+from .checkpoint import (SUFFIX, CheckpointError, checkpoint_writer, first_nonfinite, load_checkpoint, read_meta,
+                         split_prefix)
+from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, validate_dataset
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
 from .models import build_model, load_vgg16_npz
@@ -34,7 +47,15 @@ from .viz import plot_curves, prediction_grid
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, a weight or a validation logit became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is and how to resume."""
+
+
+class NonFiniteLogits(RuntimeError):
+    """A model produced NaN or infinite logits during evaluation."""
 
 
 @dataclass
@@ -75,6 +96,8 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False        # replace the run files of a non-empty out folder
+    num_classes: int | None = None  # folder datasets: None infers it from the masks (see FolderDataset)
     progress: bool = True
     num_preview: int = 6
     extra: dict = field(default_factory=dict)
@@ -85,13 +108,53 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse values that cannot train, naming the setting (and its command-line option) and the value."""
+    def bad(name, rule):
+        value = getattr(cfg, name)
+        raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {rule}, got {value!r}")
+
+    def integer(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    for name in ("epochs", "batch_size", "train_images", "val_images", "image_size"):
+        if not integer(getattr(cfg, name)) or getattr(cfg, name) < 1:
+            bad(name, "a positive integer")
+    if not integer(cfg.seed) or cfg.seed < 0:
+        bad("seed", "a non-negative integer")
+    if cfg.num_classes is not None and (not integer(cfg.num_classes) or cfg.num_classes < 2):
+        bad("num_classes", "an integer >= 2 (a model with one class learns nothing)")
+    if cfg.crop_size is not None and (not integer(cfg.crop_size) or cfg.crop_size < 1):
+        bad("crop_size", "a positive integer")
+    for name in ("lr", "width", "input_scale"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            bad(name, "a finite number > 0")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            bad(name, "a finite number >= 0")
+    if not 0 <= cfg.dropout < 1:
+        bad("dropout", "in [0, 1)")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other: continue the run in "
+                         f"{cfg.out}, or replace it")
+
+
 def make_datasets(cfg: TrainConfig):
     """(train, val) datasets for a config."""
     if cfg.dataset == "shapes":
         kw = dict(image_size=cfg.image_size, seed=cfg.seed)
-        return (get_dataset("shapes", split="train", num_images=cfg.train_images, **kw),
+        sets = (get_dataset("shapes", split="train", num_images=cfg.train_images, **kw),
                 get_dataset("shapes", split="val", num_images=cfg.val_images, **kw))
-    return (get_dataset(cfg.dataset, cfg.data_dir, split="train"), get_dataset(cfg.dataset, cfg.data_dir, split="val"))
+    else:
+        kw = {} if cfg.dataset != "folder" else dict(num_classes=cfg.num_classes)
+        sets = (get_dataset(cfg.dataset, cfg.data_dir, split="train", **kw),
+                get_dataset(cfg.dataset, cfg.data_dir, split="val", **kw))
+    if cfg.num_classes is not None and sets[0].num_classes != cfg.num_classes:
+        raise ValueError(f"num_classes (--num-classes) is {cfg.num_classes} but dataset {cfg.dataset!r} has "
+                         f"{sets[0].num_classes} classes (only folder datasets take --num-classes)")
+    return sets
 
 
 CLASS_WEIGHTS = ("none", "balanced", "sqrt-balanced")
@@ -128,18 +191,30 @@ def make_loss(model, reduction: str, class_weight=None):
 
 def predict_labels(model, images):
     """Class index per pixel: argmax over channels (or logit > 0 for one channel)."""
-    logits = model(images)
+    return labels_of(model(images))
+
+
+def labels_of(logits):
+    """Class index per pixel of logits (N, C, H, W): argmax over channels (or logit > 0 for one channel)."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).astype(np.int64)
     return logits.argmax(axis=1)
 
 
 def evaluate(model, loader, num_classes: int, device: str = "cpu"):
-    """Accumulate one confusion matrix over the whole loader; returns ``scores()`` of it."""
+    """Accumulate one confusion matrix over the whole loader; returns ``scores()`` of it.
+
+    Raises NonFiniteLogits if the model's logits hold NaN or infinity (their argmax
+    would be scored as class 0, a plausible-looking pixel accuracy).
+    """
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2))
-    for images, labels in loader:
-        confusion.update(predict_labels(model, to_device(images, device)), to_device(labels, device))
+    for batch, (images, labels) in enumerate(loader):
+        logits = model(to_device(images, device))
+        if not bool(get_array_module(logits).isfinite(logits).all()):
+            model.train()
+            raise NonFiniteLogits(f"the model's logits hold NaN or infinity on evaluation batch {batch}")
+        confusion.update(labels_of(logits), to_device(labels, device))
     model.train()
     return confusion.scores()
 
@@ -161,20 +236,33 @@ def build_from_config(cfg: TrainConfig, num_classes: int):
                           dict(learn_upsampling=cfg.learn_upsampling, dropout=cfg.dropout)))
 
 
-def _save(path, model, optimizer, cfg, epoch, history, class_names):
+def _checkpoint_writer(model, optimizer, cfg, epoch, history, class_names):
     arrays = {f"model.{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"optim.{k}": v for k, v in optimizer.state_dict().items()})
     meta = {"format": "minifcn-checkpoint-1", "epoch": epoch, "config": asdict(cfg), "history": history,
             "class_names": list(class_names), "num_classes": len(class_names),
             "dropout_states": _dropout_states(model)}
-    save_checkpoint(path, arrays, meta)
+    return checkpoint_writer(arrays, meta)
+
+
+def load_trusted_checkpoint(path):
+    """``load_checkpoint`` of a training checkpoint, refused unless it is minifcn's format and every
+    weight is finite (a diverged run's weights give NaN logits, whose argmax is class 0 everywhere:
+    a plausible-looking pixel accuracy). The one place eval, predict and resume load from."""
+    arrays, meta = load_checkpoint(path)
+    if meta.get("format") != "minifcn-checkpoint-1":
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: unknown format {meta.get('format')!r}")
+    bad = first_nonfinite(split_prefix(arrays, "model"))
+    if bad is not None:
+        name, count = bad
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: parameter {name!r} holds {count} NaN or infinite "
+                              f"value(s): the run that wrote it had diverged; use an earlier checkpoint")
+    return arrays, meta
 
 
 def load_model(path, device: str = "cpu"):
     """Rebuild the model saved in a checkpoint; returns ``(model, meta)``."""
-    arrays, meta = load_checkpoint(path)
-    if meta.get("format") != "minifcn-checkpoint-1":
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: unknown format {meta.get('format')!r}")
+    arrays, meta = load_trusted_checkpoint(path)
     cfg = TrainConfig.from_dict(meta["config"])
     model = build_from_config(cfg, meta["num_classes"])
     try:
@@ -185,14 +273,41 @@ def load_model(path, device: str = "cpu"):
     return model.to(check_device(device)), meta
 
 
-def _divergence_message(loss, epoch, iteration, cfg, checkpoint):
+def dataset_for_checkpoint(meta, dataset=None, data_dir=None, split="val", checkpoint="the checkpoint"):
+    """``(name, dataset)`` to evaluate a checkpoint on: by default the one it was trained on.
+
+    Refuses a dataset with another number of classes than the checkpoint's
+    (its scores and class names would be those of another problem). A folder
+    dataset the checkpoint was trained on gets the checkpoint's class count,
+    so a split whose masks lack the highest class still evaluates.
+    """
+    cfg = TrainConfig.from_dict(meta["config"])
+    k = meta["num_classes"]
+    name = dataset or (cfg.dataset if not data_dir else "folder")
+    if name == "shapes":
+        found = get_dataset("shapes", split=split, image_size=cfg.image_size, seed=cfg.seed,
+                            num_images=cfg.val_images if split == "val" else cfg.train_images)
+    else:
+        data_dir = data_dir or cfg.data_dir
+        trained_on = (name == cfg.dataset == "folder" and data_dir is not None and cfg.data_dir is not None
+                      and os.path.abspath(data_dir) == os.path.abspath(cfg.data_dir))
+        found = get_dataset(name, data_dir, split=split, **(dict(num_classes=k) if trained_on else {}))
+    if found.num_classes != k:
+        names = meta.get("class_names") or []
+        raise ValueError(f"{checkpoint} predicts {k} classes ({', '.join(names)}) but dataset {name!r}"
+                         f"{f' in {data_dir}' if name != 'shapes' else ''} has {found.num_classes}: its scores "
+                         f"would belong to another problem. Evaluate on data with the checkpoint's classes")
+    return name, found
+
+
+def _divergence_message(what, epoch, iteration, cfg, checkpoint):
     kept = (f"the last good checkpoint {checkpoint!r} was kept" if os.path.exists(checkpoint)
             else "no checkpoint had been written yet")
     hint = ("with reduction='sum' the gradient grows with the number of pixels per batch, so the learning rate "
             "must be about (pixels per batch) times smaller than for 'mean' (the FCN reference uses 1e-10 on "
             "500x500 VOC images)" if cfg.reduction == "sum" else
             "with reduction='mean' a learning rate around 1e-3 to 5e-2 is usual; lower --lr")
-    return (f"training diverged: loss is {loss} at epoch {epoch}, iteration {iteration} (lr={cfg.lr}, "
+    return (f"training diverged: {what} at epoch {epoch}, iteration {iteration} (lr={cfg.lr}, "
             f"reduction={cfg.reduction!r}). Likely cause: the learning rate is too large for the loss "
             f"normalisation: {hint}. {kept}.")
 
@@ -211,12 +326,131 @@ def strict_json(value) -> str:
     return json.dumps(clean(value), allow_nan=False)
 
 
+RUN_FILES = ("checkpoint.npz", "best.npz", "metrics.jsonl", "loss.png", "predictions.png")
+RESUME_MUST_MATCH = ("model", "width", "dataset", "data_dir", "image_size", "train_images", "val_images", "seed",
+                     "learn_upsampling", "num_classes")  # what the model's shapes and the data depend on
+
+
+def prepare_run_folder(cfg: TrainConfig, log=print) -> None:
+    """Apply the run-folder rule before anything is written into ``cfg.out``.
+
+    Temporaries left by a save that was killed are deleted first. Then a
+    folder holding anything is refused unless ``cfg.resume`` (its
+    checkpoint.npz must exist) or ``cfg.overwrite`` (its run files are
+    deleted once the data and the model are ready, just before the first
+    step; other files are left alone). ``--resume`` on an empty or missing
+    folder is an error too: there is nothing to continue.
+    """
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out (--out) {out!r} is a file, not a folder: give a folder for the run")
+    if not os.path.isdir(out):
+        if cfg.resume:
+            raise ValueError(f"--resume: the run folder {out!r} does not exist, so there is nothing to continue")
+        return
+    for name in RUN_FILES:
+        for tmp in remove_temporaries(os.path.join(out, name), SUFFIX if name.endswith(".npz") else ".tmp"):
+            log(f"removed {tmp}, left by an interrupted save")
+    ckpt = os.path.join(out, "checkpoint.npz")
+    if cfg.resume:
+        if not os.path.isfile(ckpt):
+            held = ", ".join(sorted(os.listdir(out))) or "nothing"
+            raise ValueError(f"--resume: there is no checkpoint {ckpt!r} to continue from (the folder holds "
+                             f"{held}); train without --resume into an empty folder, or add --overwrite")
+        return
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    if not cfg.overwrite:
+        listed = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+        raise ValueError(f"the run folder {out!r} is not empty (it holds {listed}): add --resume to continue "
+                         f"its run, --overwrite to replace its run files, or choose another --out")
+
+
+def _remove_run_files(out, log) -> None:
+    removed = [name for name in RUN_FILES if os.path.isfile(os.path.join(out, name))]
+    for name in removed:
+        os.remove(os.path.join(out, name))
+    if removed:
+        log(f"--overwrite: removed {', '.join(removed)} from {out}")
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, path) -> None:
+    """Refuse to resume a checkpoint with another model or other data; the error names every difference."""
+    default = asdict(TrainConfig())
+    differences = [f"{name.replace('_', '-')} {saved.get(name, default[name])!r} -> {getattr(cfg, name)!r}"
+                   for name in RESUME_MUST_MATCH if saved.get(name, default[name]) != getattr(cfg, name)]
+    if differences:
+        raise ValueError(f"--resume: {os.fspath(path)} was trained with other settings than this run asks for "
+                         f"(checkpoint -> now): {'; '.join(differences)}. Repeat the checkpoint's values, or "
+                         f"train into another --out")
+
+
+def _resume(path, cfg, model, optimizer, num_classes):
+    """Load ``path`` into the model and optimiser; returns ``(history, start_epoch)``."""
+    arrays, meta = load_trusted_checkpoint(path)
+    check_resume_config(meta["config"], cfg, path)
+    if meta["num_classes"] != num_classes:
+        raise ValueError(f"--resume: {path} has {meta['num_classes']} classes but the dataset now has "
+                         f"{num_classes}")
+    model.load_state_dict(split_prefix(arrays, "model"))
+    optimizer.load_state_dict(split_prefix(arrays, "optim"))
+    _set_dropout_states(model, meta.get("dropout_states", {}))
+    return meta["history"], meta["epoch"] + 1
+
+
+def _metrics_writer(history):
+    text = "".join(strict_json(row) + "\n" for row in history).encode("utf-8")
+    return lambda f: f.write(text)
+
+
+def _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved):
+    """Write the epoch's checkpoint (and best.npz when ``improved``) and the whole metrics.jsonl as one
+    all-or-nothing step; an OSError (a full disk) changes none of them and names the file."""
+    write = _checkpoint_writer(model, optimizer, cfg, epoch, history, class_names)
+    items = [(paths["checkpoint"], write, SUFFIX)] + ([(paths["best"], write, SUFFIX)] if improved else [])
+    items.append((paths["metrics"], _metrics_writer(history), ".tmp"))
+    try:
+        atomic_write_all(items)
+    except OSError as exc:
+        kept = (f"{paths['checkpoint']} and {paths['metrics']} still end at epoch {epoch}" if epoch > 0 else
+                "no checkpoint has been written")
+        message = f"{exc.strerror if exc.errno is not None else exc}; nothing of epoch {epoch + 1} was saved: {kept}"
+        raise type(exc)(*((exc.errno, message) if exc.errno is not None else (message,))) from exc
+
+
+def _nonfinite_weights(model):
+    bad = first_nonfinite({name: to_numpy(p.data) for name, p in model.named_parameters()})
+    return None if bad is None else f"parameter {bad[0]!r} holds {bad[1]} NaN or infinite value(s)"
+
+
+def _last_checkpoint_line(ckpt, cfg):
+    if not os.path.isfile(ckpt):
+        return "no checkpoint was written yet; start again with the same command"
+    try:
+        at = f" (after epoch {read_meta(ckpt)['epoch'] + 1} of {cfg.epochs})"
+    except (CheckpointError, KeyError, TypeError):  # only the epoch number is missing from the message
+        at = ""
+    return f"the last checkpoint is {ckpt}{at}; continue with the same command and --resume"
+
+
 def train(cfg: TrainConfig, log=print):
     """Train according to ``cfg``; returns the history (list of per-epoch dicts)."""
+    check_config(cfg)
     device = check_device(cfg.device)
+    prepare_run_folder(cfg, log)
+    ckpt = os.path.join(cfg.out, "checkpoint.npz")
+    try:
+        return _train(cfg, device, log)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"interrupted: {_last_checkpoint_line(ckpt, cfg)}") from None
+
+
+def _train(cfg: TrainConfig, device, log):
     train_set, val_set = make_datasets(cfg)
     num_classes = train_set.num_classes
     pixel_counts = validate_dataset(train_set, num_classes)  # every file checked before the first step
+    check_learnable(train_set, pixel_counts)
     validate_dataset(val_set, num_classes)
     weights = class_weights(pixel_counts, cfg.class_weight)
     if weights is not None:
@@ -237,20 +471,17 @@ def train(cfg: TrainConfig, log=print):
     schedule = make_schedule(cfg.schedule, cfg.lr, max(1, cfg.epochs * len(train_loader)))
 
     os.makedirs(cfg.out, exist_ok=True)
-    ckpt, best_path = os.path.join(cfg.out, "checkpoint.npz"), os.path.join(cfg.out, "best.npz")
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    paths = {name: os.path.join(cfg.out, f"{name}{ext}")
+             for name, ext in (("checkpoint", ".npz"), ("best", ".npz"), ("metrics", ".jsonl"))}
+    ckpt = paths["checkpoint"]
     history, start_epoch = [], 0
-    if cfg.resume and os.path.exists(ckpt):
-        arrays, meta = load_checkpoint(ckpt)
-        model.load_state_dict(split_prefix(arrays, "model"))
-        optimizer.load_state_dict(split_prefix(arrays, "optim"))
-        _set_dropout_states(model, meta.get("dropout_states", {}))
-        history, start_epoch = meta["history"], meta["epoch"] + 1
-        with open(metrics_path, "w") as f:  # drop lines of epochs after the checkpoint (an interrupted run)
-            f.writelines(strict_json(row) + "\n" for row in history)
+    if cfg.resume:
+        history, start_epoch = _resume(ckpt, cfg, model, optimizer, num_classes)
+        # metrics.jsonl as the checkpoint has it (written with it; rewritten in case an older run left more)
+        atomic_write_all([(paths["metrics"], _metrics_writer(history), ".tmp")])
         log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif cfg.overwrite:
+        _remove_run_files(cfg.out, log)
     best = max((row["mean_iu"] for row in history if not math.isnan(row["mean_iu"])), default=-1.0)
 
     log(f"training {cfg.model} (width {cfg.width}, {model.num_parameters(True):,} learnable parameters) on "
@@ -271,25 +502,29 @@ def train(cfg: TrainConfig, log=print):
             logits = model(to_device(images, device))
             loss = loss_fn(logits, to_device(labels, device))
             if not math.isfinite(loss):
-                raise TrainingDiverged(_divergence_message(loss, epoch + 1, iteration, cfg, ckpt))
+                raise TrainingDiverged(_divergence_message(f"loss is {loss}", epoch + 1, iteration, cfg, ckpt))
             model.backward(loss_fn.backward())
             optimizer.step()
             losses.append(loss)
             iteration += 1
             if cfg.progress:
                 batches.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{optimizer.lr:.3g}")
-        scores = evaluate(model, val_loader, num_classes, device)
+        # Nothing is written unless the weights and the validation logits are finite.
+        bad = _nonfinite_weights(model)
+        try:
+            scores = None if bad else evaluate(model, val_loader, num_classes, device)
+        except NonFiniteLogits as exc:
+            bad = str(exc).replace("the model's logits hold", "the validation logits hold")
+        if bad:
+            raise TrainingDiverged(_divergence_message(bad, epoch + 1, iteration, cfg, ckpt))
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "pixel_acc": scores["pixel_acc"], "mean_acc": scores["mean_acc"], "mean_iu": scores["mean_iu"],
                "fwiu": scores["fwiu"], "per_class_iu": scores["per_class_iu"], "lr": optimizer.lr,
                "seconds": time.perf_counter() - t0}
         history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(strict_json(row) + "\n")
-        _save(ckpt, model, optimizer, cfg, epoch, history, class_names)
-        if scores["mean_iu"] > best:
-            best = scores["mean_iu"]
-            _save(best_path, model, optimizer, cfg, epoch, history, class_names)
+        improved = scores["mean_iu"] > best
+        best = max(best, scores["mean_iu"]) if improved else best
+        _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved)
         plot_curves(history, os.path.join(cfg.out, "loss.png"))
         write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
                           cfg.num_preview, device)

@@ -35,3 +35,34 @@ def test_permissions_follow_the_umask(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+def test_atomic_write_all_replaces_all_or_none(tmp_path):
+    """Two files that must agree: when the second cannot be written, the first is not replaced either."""
+    from minifcn.atomic import atomic_write_all  # noqa: PLC0415
+    a, b = tmp_path / "a.npz", tmp_path / "b.jsonl"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+
+    def full(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write .*b\.jsonl: No space left on device") as err:
+        atomic_write_all([(a, lambda f: f.write(b"new a"), ".npz"), (b, full, ".tmp")])
+    assert err.value.errno == 28
+    assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.jsonl"]
+    atomic_write_all([(a, lambda f: f.write(b"new a"), ".npz"), (b, lambda f: f.write(b"new b"), ".tmp")])
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
+
+
+def test_temporaries_left_by_a_kill_are_found_and_removed(tmp_path):
+    from minifcn.atomic import remove_temporaries, temporaries  # noqa: PLC0415
+    target = tmp_path / "ckpt.npz"
+    left = [tmp_path / ".ckpt.npz.a1b2.npz", tmp_path / ".ckpt.npz.zz.npz"]
+    others = [tmp_path / ".other.npz.a1.npz", tmp_path / "ckpt.npz.bak", tmp_path / ".ckpt.npz.a1.tmp"]
+    for path in left + others:
+        path.write_bytes(b"x")
+    assert temporaries(target, ".npz") == sorted(str(p) for p in left)
+    assert remove_temporaries(target, ".npz") == sorted(str(p) for p in left)
+    assert all(p.exists() for p in others) and not any(p.exists() for p in left)

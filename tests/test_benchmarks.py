@@ -116,3 +116,14 @@ def test_bench_before_after_compares_a_commit_with_the_working_tree():
     line = proc.stdout.strip().splitlines()[-1]
     assert "(batch 2 x 32^2), 2 interleaved rounds" in line and "before (HEAD)" in line, line
     assert float(line.rsplit(" ", 1)[-1]) > 0
+
+
+def test_bench_saved_input_quick_prints_its_table():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_saved_input.py"), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("machine: ") and "21 saved inputs" in proc.stdout
+    for row in ("training step, inputs checked", "training step, unchecked", "SavedInput + check, all inputs",
+                "full sums, forward and backward"):
+        assert row in proc.stdout

@@ -156,3 +156,21 @@ def test_checkpoint_gets_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_random_file_is_not_called_pickled_data(tmp_path, seed):
+    """NumPy reads a file that is neither .npz nor .npy as a pickle, and its error advises allow_pickle=True:
+    the message must say what the file is not, and never suggest unpickling."""
+    path = tmp_path / "random.npz"
+    path.write_bytes(np.random.default_rng(seed).bytes(5000))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "not an .npz archive" in str(err.value) and "pickle" not in str(err.value).lower()
+
+
+def test_first_nonfinite_names_the_first_bad_array():
+    from minifcn.checkpoint import first_nonfinite  # noqa: PLC0415
+    arrays = {"a": np.ones(3), "n": np.arange(3), "b": np.array([1.0, np.inf, np.nan]), "c": np.array([np.nan])}
+    assert first_nonfinite(arrays) == ("b", 2)
+    assert first_nonfinite({"a": np.ones(2, np.float32)}) is None

@@ -152,3 +152,116 @@ def test_python_m_minifcn_help():
     result = subprocess.run([sys.executable, "-m", "minifcn", "train", "--help"], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0 and "--reduction" in result.stdout and "--learn-upsampling" in result.stdout
+
+
+# -- issue 14: nothing lost, nothing silently wrong ----------------------------------------------
+
+def cli_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
+    """A real SIGINT to a training in another process (band threads running): one line on stderr
+    naming the last checkpoint and --resume, exit status 130, no traceback."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    args = list(TINY_TRAIN)
+    args[args.index("--epochs") + 1] = "200"
+    proc = subprocess.Popen([sys.executable, "-m", "minifcn", "train", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch's steps
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("interrupted: the last checkpoint is ") and str(out / "checkpoint.npz") in lines[0]
+    assert "--resume" in lines[0] and "Traceback" not in err
+
+
+def test_eval_and_predict_refuse_a_checkpoint_with_nonfinite_weights(run, tmp_path, capsys):
+    from minifcn.checkpoint import load_checkpoint, save_checkpoint  # noqa: PLC0415
+
+    out, _ = run
+    arrays, meta = load_checkpoint(out / "checkpoint.npz")
+    arrays["model.conv3_1.bias"] = np.full_like(arrays["model.conv3_1.bias"], np.nan)
+    bad = tmp_path / "diverged.npz"
+    save_checkpoint(bad, arrays, meta)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    for command in (["eval", "--checkpoint", str(bad)],
+                    ["predict", "--checkpoint", str(bad), str(image), "--out", str(tmp_path / "p")]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "'conv3_1.bias'" in err and "NaN" in err, err
+
+
+def test_eval_refuses_a_dataset_with_another_number_of_classes(run, tmp_path, capsys):
+    """The run's checkpoint predicts the 6 shapes classes; a 3-class folder dataset is refused."""
+    out, _ = run
+    root = tmp_path / "data" / "val"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16) % 3).save(root / "masks" / "a.png")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.npz"), "--dataset", "folder",
+                 "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "predicts 6 classes (background, " in err and "has 3" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--seed", "-1"], "seed (--seed) must be a non-negative integer, got -1"),
+    (["train", "--input-scale", "nan"], "input_scale (--input-scale) must be a finite number > 0, got nan"),
+    (["train", "--epochs", "-1"], "epochs (--epochs) must be a positive integer, got -1"),
+    (["explain", "sizes", "--stride", "0"], "explain sizes: --stride must be an integer >= 1, got 0"),
+    (["explain", "conv-matrix", "--kernel", "0"], "explain conv-matrix: --kernel must be an integer >= 1, got 0"),
+])
+def test_bad_options_get_one_line_naming_the_option(tmp_path, capsys, argv, says):
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_naming_a_file_gets_one_clear_line(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["train", *TINY_TRAIN, "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Errno" not in err
+
+
+def test_train_twice_into_one_folder_needs_resume_or_overwrite(run, capsys):
+    out, _ = run
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(["train", *TINY_TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err and "--resume" in err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_ctrl_c_in_eval_is_one_line_and_exit_130(run, capsys, monkeypatch):
+    import minifcn.train as train_module  # noqa: PLC0415
+
+    out, _ = run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.npz")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: minifcn eval stopped"

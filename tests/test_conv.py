@@ -651,3 +651,68 @@ def test_conv_transpose2d_matches_torch(case, rng, rel_err):
     assert rel_err(layer.backward(dy), tx.grad.numpy()) < 1e-10
     assert rel_err(layer.weight.grad, tw.grad.numpy()) < 1e-10
     assert rel_err(layer.bias.grad, tb.grad.numpy()) < 1e-10
+
+
+# -- a layer's input changed in place between forward and backward ------------------------------
+
+CHANGES = {
+    "zeroed": lambda x: x.__setitem__(Ellipsis, 0),
+    "next batch": lambda x: x.__setitem__(Ellipsis, np.random.default_rng(9).standard_normal(x.shape)),
+    "one image": lambda x: x[1].__imul__(2),
+    "one channel": lambda x: x[0, 2].__iadd__(1),
+    "four rows": lambda x: x[1, 1, 3:7].__isub__(0.5),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("layer", ["Conv2d", "ConvTranspose2d"])
+def test_an_input_changed_between_forward_and_backward_is_detected(layer, change, rng):
+    """PyTorch raises here; so does minifcn, instead of returning the weight gradient of another input."""
+    conv = (Conv2d(3, 4, 3, padding=1, dtype=np.float64) if layer == "Conv2d" else
+            ConvTranspose2d(3, 4, 4, stride=2, padding=1, dtype=np.float64))
+    x = rng.standard_normal((2, 3, 16, 16))
+    dy = rng.standard_normal(conv(x).shape)
+    CHANGES[change](x)
+    with pytest.raises(RuntimeError, match=rf"{layer}: its input \(shape \(2, 3, 16, 16\)\) was changed in place"):
+        conv.backward(dy)
+
+
+def test_an_unchanged_input_and_the_finite_difference_loop_are_fine(rng):
+    """Forward, backward, then change the input (or forward twice, changing it between: the
+    finite-difference loop): nothing raises and the gradient is the one of the input forward saw."""
+    conv = Conv2d(2, 3, 3, dtype=np.float64)
+    x = rng.standard_normal((1, 2, 8, 8))
+    dy = rng.standard_normal(conv(x).shape)
+    x[0, 0, 0, 0] += 1e-5
+    conv(x)
+    x[0, 0, 0, 0] -= 1e-5  # a new forward saved the changed input: no complaint
+    conv(x)
+    conv.backward(dy)
+    expected = conv.weight.grad.copy()
+    conv.zero_grad()
+    x_nc = np.asfortranarray(x)  # any memory layout
+    conv(x_nc)
+    conv.backward(dy)
+    np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-12)
+    x_nc[...] = 0
+    with pytest.raises(RuntimeError, match="changed in place"):
+        conv.backward(dy)
+
+
+def test_a_whole_model_detects_a_changed_image(rng):
+    from minifcn.models import build_model  # noqa: PLC0415
+    model = build_model("fcn32s", num_classes=3, width=1 / 32, seed=0)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    y = model(x)
+    x -= 0.5  # e.g. normalising the batch after the forward
+    with pytest.raises(RuntimeError, match="Conv2d: its input .* was changed in place"):
+        model.backward(np.ones_like(y))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, bool])
+def test_an_integer_upstream_gradient_is_refused_naming_its_dtype(dtype, rng):
+    conv = Conv2d(2, 3, 3)
+    y = conv(rng.standard_normal((1, 2, 6, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match=rf"Conv2d: upstream gradient must be float32 or float64, got dtype "
+                                         rf"{np.dtype(dtype)}"):
+        conv.backward(np.ones(y.shape, dtype=dtype))

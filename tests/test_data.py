@@ -402,3 +402,20 @@ def test_loader_mixed_sizes_need_batch_size_one_or_crop():
     assert next(iter(DataLoader(ds, batch_size=3, crop_size=8)))[0].shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match="batch_size"):
         DataLoader(ds, batch_size=0)
+
+
+def test_folder_refuses_to_infer_a_class_count_from_a_stray_value(tmp_path):
+    """0, 1, 2 and one pixel of 200: not 201 classes; the error names the value, its file and pixels."""
+    root = make_folder(tmp_path / "d", stems=("a", "b"), value=2)
+    mask = np.zeros((12, 10), np.uint8)
+    mask[:3] = 1
+    mask[5, 5] = 200
+    Image.fromarray(mask, mode="L").save(root / "masks" / "b.png")
+    with pytest.raises(DatasetError) as e:
+        FolderDataset(root).num_classes
+    message = error_text(e)
+    assert "[0, 1, 2, 200]" in message and "201-class model in which 197 classes never occur" in message
+    assert f"value 200 (1 pixel(s), first in {root / 'masks' / 'b.png'}: 1 there)" in message
+    assert "--num-classes" in message
+    assert FolderDataset(root, num_classes=201).num_classes == 201  # said explicitly, it is accepted
+    assert FolderDataset(make_folder(tmp_path / "e", value=8)).num_classes == 9  # a gap of 7 is not stray

@@ -51,3 +51,17 @@ def test_page_images_exist(page):
         path = (page.parent / target).resolve()
         assert path.is_file(), f"{page.name} shows {target}, which does not exist"
         assert os.path.getsize(path) < 200_000, f"{target} is {os.path.getsize(path)} bytes; keep figures small"
+
+
+def test_ci_installs_the_pytorch_reference_and_runs_the_readme_test_command():
+    """.ci/run installs the CPU PyTorch before the README's test command (so the torch-marked parity
+    tests run in CI), checks it imports, and the README's command is unchanged (PyTorch stays optional)."""
+    root = DOCS.parent
+    ci = (root / ".ci" / "run").read_text()
+    readme = (root / "README.md").read_text()
+    command = "pip install -e '.[test]' && python -m pytest -q"
+    assert command in readme and command in ci
+    torch_line = next(i for i, line in enumerate(ci.splitlines()) if line.startswith("pip install") and "torch==" in line)
+    test_line = next(i for i, line in enumerate(ci.splitlines()) if line.startswith(command))
+    assert torch_line < test_line and "import torch" in ci
+    assert "torch" not in (root / "pyproject.toml").read_text().split("[project.optional-dependencies]")[0]

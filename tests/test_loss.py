@@ -264,8 +264,48 @@ def test_errors():
         bce(logits, np.zeros((1, 2, 2), np.int64))
     with pytest.raises(ValueError, match=r"label 2 is out of range for 2 classes"):
         bce(logits[:, :1], np.array([[[0, 1], [2, 1]]]))
-    with pytest.raises(ValueError, match=r"labels must be an integer array, got float32"):
-        bce(logits[:, :1], np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match=r"labels must be an integer array, got complex128"):
+        bce(logits[:, :1], np.zeros((1, 2, 2), np.complex128))
+    with pytest.raises(ValueError, match=r"float targets must lie in \[0, 1\].*got 2.0"):  # float: soft targets
+        bce(logits[:, :1], np.array([[[0, 1], [2, 0.5]]], np.float32))
+
+
+@pytest.mark.parametrize("weight", [[1.0, -0.5, 2.0], [1.0, float("nan"), 1.0], [float("inf"), 1.0, 1.0]])
+def test_class_weight_must_be_finite_and_non_negative(weight):
+    bad = next(w for w in weight if not (np.isfinite(w) and w >= 0))
+    with pytest.raises(ValueError, match=rf"class_weight must be finite and >= 0, got {bad} for class {weight.index(bad) if bad == bad else 1}"):
+        SoftmaxCrossEntropy(class_weight=weight)
+
+
+def test_bce_takes_soft_targets_like_pytorch(rng):
+    """Float targets in [0, 1]: loss = mean(max(z, 0) - z t + log(1 + exp(-|z|))), gradient (s(z) - t) / count,
+    checked against the formula in float64 and by central differences; 255 is still ignored."""
+    z = rng.standard_normal((2, 1, 3, 4))
+    t = rng.random((2, 3, 4))
+    t[0, 0, 0] = 0.0
+    t[1, 2, 3] = 1.0
+    t[0, 1, 1] = 255.0
+    loss = SigmoidBinaryCrossEntropy()
+    counted = t != 255
+    zz, tt = z[:, 0][counted], t[counted]
+    expected = np.mean(np.maximum(zz, 0) - zz * tt + np.log1p(np.exp(-np.abs(zz))))
+    assert loss(z, t) == pytest.approx(expected, rel=1e-12)
+    grad = loss.backward()
+    want = np.where(counted, 1 / (1 + np.exp(-z[:, 0])) - np.where(counted, t, 0), 0) / counted.sum()
+    np.testing.assert_allclose(grad[:, 0], want, rtol=1e-12, atol=1e-15)
+    assert check_layer(SigmoidBinaryCrossEntropy(), z, t).passed
+    # hard float targets give the integer targets' loss
+    hard = (t > 0.5).astype(np.int64)
+    hard[0, 1, 1] = 255
+    assert loss(z, np.where(t == 255, 255.0, (t > 0.5).astype(float))) == pytest.approx(loss(z, hard), rel=1e-12)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.25, float("nan")])
+def test_bce_refuses_float_targets_outside_0_1_naming_the_value(value):
+    t = np.full((1, 2, 2), 0.5)
+    t[0, 1, 0] = value
+    with pytest.raises(ValueError, match=rf"float targets must lie in \[0, 1\].*got {value} at 1 pixel"):
+        SigmoidBinaryCrossEntropy()(np.zeros((1, 1, 2, 2)), t)
 
 
 def put_along_axis_gradient(layer):

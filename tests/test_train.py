@@ -345,3 +345,401 @@ def test_training_with_class_weights_logs_them_and_learns(tmp_path, monkeypatch)
     assert len(weights) == 6 and weights[0] < 1 < max(weights)  # background, the most frequent class, weighs least
     np.testing.assert_allclose(losses[0].class_weight, weights, atol=1e-3)  # and the loss uses them
     assert math.isfinite(history[-1]["train_loss"])
+
+
+# -- the run folder is never destroyed by accident ------------------------------------------------
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_run_folder_is_refused_without_resume_or_overwrite(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with pytest.raises(ValueError, match="is not empty") as err:
+        train(tiny_fcn(split), log=lambda *a: None)
+    assert "--resume" in str(err.value) and "--overwrite" in str(err.value) and "checkpoint.npz" in str(err.value)
+    assert folder_bytes(split) == before
+
+
+def test_overwrite_replaces_the_run_files_and_keeps_the_rest(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    (split / "notes.txt").write_text("mine")
+    before = folder_bytes(split)
+    with pytest.raises(DatasetError):  # a run that cannot start deletes nothing, --overwrite or not
+        train(tiny_fcn(split, overwrite=True, dataset="folder", data_dir=str(tmp_path / "none")), log=lambda *a: None)
+    assert folder_bytes(split) == before
+    lines = []
+    history = train(tiny_fcn(split, epochs=1, overwrite=True, seed=4), log=lines.append)
+    assert any("--overwrite" in line for line in lines)
+    assert (split / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["train_loss"] for line in (split / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([history[0]["train_loss"]], rel=1e-12)
+    assert load_checkpoint(split / "checkpoint.npz")[1]["config"]["seed"] == 4
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match="no checkpoint") as err:
+        train(tiny_fcn(out, resume=True), log=lambda *a: None)
+    assert str(out / "checkpoint.npz") in str(err.value)
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'  # the history is not overwritten
+    with pytest.raises(ValueError, match="does not exist"):
+        train(tiny_fcn(tmp_path / "absent", resume=True), log=lambda *a: None)
+
+
+def test_out_naming_a_file(tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(ValueError, match=r"--out.*a-file.*is a file, not a folder"):
+        train(tiny_fcn(target), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name, value, option", [
+    ("epochs", -1, "--epochs"), ("epochs", 0, "--epochs"), ("seed", -1, "--seed"),
+    ("input_scale", float("nan"), "--input-scale"), ("lr", float("nan"), "--lr"), ("lr", 0.0, "--lr"),
+    ("batch_size", 0, "--batch-size"), ("momentum", -0.5, "--momentum"), ("num_classes", 1, "--num-classes"),
+])
+def test_settings_that_cannot_train_are_refused_naming_the_option(fcn_runs, tmp_path, name, value, option):
+    """Before anything is touched: a finished run's folder keeps its metrics (--epochs -1 used to delete them)."""
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with np.errstate(all="ignore"), pytest.raises(ValueError) as err:
+        train(tiny_fcn(split, resume=True, **{name: value}), log=lambda *a: None)
+    assert option in str(err.value) and repr(value) in str(err.value)
+    assert folder_bytes(split) == before
+
+
+# -- the last good checkpoint is good ------------------------------------------------------------
+
+@pytest.fixture
+def first_param(monkeypatch):
+    """The first parameter array the optimiser steps (what poisoning changes)."""
+    import minifcn.optim as optim  # noqa: PLC0415
+    seen = {}
+    real_init = optim.SGD.__init__
+
+    def init(self, model, *args, **kwargs):
+        real_init(self, model, *args, **kwargs)
+        seen["model"] = model
+    monkeypatch.setattr(optim.SGD, "__init__", init)
+    return seen
+
+
+@pytest.mark.parametrize("poison, says", [
+    (lambda m: m.conv1_1.weight.data.__setitem__((0, 0, 0, 0), np.nan), "parameter 'conv1_1.weight' holds 1 NaN"),
+    (lambda m: [p.data.__imul__(np.float32(1e30)) for p in (m.conv1_1.weight, m.conv1_2.weight)],
+     "validation logits hold NaN or infinity"),  # finite weights (< 1e30), overflowing logits
+])
+def test_nothing_is_written_from_nonfinite_weights_or_logits(fcn_runs, tmp_path, monkeypatch, first_param,
+                                                             poison, says):
+    """NaN weights, or weights so large that the logits overflow, after the last step of epoch 2:
+    epoch 1's checkpoint, best checkpoint and metrics stay as they were and no NaN row is written."""
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    real = train_module.SGD.step
+    steps = []
+
+    def step(self):
+        real(self)
+        steps.append(1)
+        if len(steps) == 2:  # 2 steps an epoch: the last one of epoch 2
+            poison(first_param["model"])
+
+    monkeypatch.setattr(train_module.SGD, "step", step)
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    assert says in str(err.value) and "epoch 2" in str(err.value) and "kept" in str(err.value)
+    after = folder_bytes(split)
+    for name in ("checkpoint.npz", "best.npz", "metrics.jsonl"):
+        assert after[name] == before[name], name
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused_by_load_model(fcn_runs, tmp_path):
+    """What eval and predict (and resume) load through: the first bad parameter is named."""
+    from minifcn.checkpoint import CheckpointError, save_checkpoint  # noqa: PLC0415
+    arrays, meta = load_checkpoint(fcn_runs["root"] / "first" / "checkpoint.npz")
+    arrays["model.score_fr.weight"] = arrays["model.score_fr.weight"].copy()
+    arrays["model.score_fr.weight"].flat[[3, 7]] = [np.inf, np.nan]
+    save_checkpoint(tmp_path / "bad.npz", arrays, meta)
+    with pytest.raises(CheckpointError, match=r"parameter 'score_fr\.weight' holds 2 NaN or infinite"):
+        load_model(tmp_path / "bad.npz")
+
+
+# -- interrupts and full disks -------------------------------------------------------------------
+
+def test_temporaries_of_a_killed_save_are_removed_at_the_next_start(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    left = [split / ".checkpoint.npz.k1ll3d.npz", split / ".best.npz.abc.npz", split / ".metrics.jsonl.x.tmp"]
+    for path in left:
+        path.write_bytes(b"PK\x03\x04 a full-size temporary")
+    lines = []
+    train(tiny_fcn(split, resume=True, schedule="constant"), log=lines.append)
+    assert not any(path.exists() for path in left)
+    assert sum("left by an interrupted save" in line for line in lines) == 3
+    assert sorted(p.name for p in split.iterdir()) == sorted(train_module.RUN_FILES)
+
+
+def test_a_full_disk_changes_neither_file_and_names_the_one_it_could_not_write(fcn_runs, tmp_path, monkeypatch):
+    """ENOSPC while epoch 2's checkpoint is written: metrics.jsonl is not one epoch ahead of it."""
+    import errno  # noqa: PLC0415
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+
+    def full(f, **kwargs):
+        f.write(b"PK\x03\x04 part of an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(OSError) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    assert err.value.errno == errno.ENOSPC
+    assert f"cannot write {split / 'checkpoint.npz'}" in str(err.value) and "No space left" in str(err.value)
+    assert "nothing of epoch 2 was saved" in str(err.value)
+    after = folder_bytes(split)
+    assert after["metrics.jsonl"] == before["metrics.jsonl"] and after["checkpoint.npz"] == before["checkpoint.npz"]
+    assert not [p for p in split.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(fcn_runs, tmp_path, monkeypatch):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.SGD, "step", interrupted)
+    with pytest.raises(train_module.TrainingInterrupted) as err:
+        train(tiny_fcn(split, resume=True), log=lambda *a: None)
+    message = str(err.value)
+    assert message.startswith("interrupted: ") and "\n" not in message
+    assert f"{split / 'checkpoint.npz'} (after epoch 1 of 2)" in message and "--resume" in message
+
+
+# -- resume the run you meant ----------------------------------------------------------------
+
+def test_resume_with_other_settings_names_every_difference(fcn_runs, tmp_path):
+    split = copy_of_first_epoch(fcn_runs, tmp_path)
+    before = folder_bytes(split)
+    with pytest.raises(ValueError) as err:
+        train(tiny_fcn(split, resume=True, width=1 / 16, model="fcn16s", image_size=24, dataset="shapes"),
+              log=lambda *a: None)
+    message = str(err.value)
+    for difference in ("width 0.03125 -> 0.0625", "model 'fcn8s' -> 'fcn16s'", "image-size 16 -> 24"):
+        assert difference in message, message
+    assert "dataset" not in message.split("now):")[1]  # unchanged settings are not listed
+    assert folder_bytes(split) == before
+
+
+# -- data that cannot be learned from --------------------------------------------------------
+
+def write_masks(root, split, masks):
+    """One random image per mask (a list of uint8 arrays)."""
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, mask in enumerate(masks):
+        Image.fromarray(rng.integers(0, 256, (*mask.shape, 3), dtype=np.uint8)).save(root / split / "images" / f"m{i}.png")
+        Image.fromarray(mask).save(root / split / "masks" / f"m{i}.png")
+
+
+def test_all_ignore_masks_are_refused(tmp_path, no_steps):
+    write_masks(tmp_path / "data", "train", [np.full((16, 16), 255, np.uint8)] * 2)
+    write_masks(tmp_path / "data", "val", [np.full((16, 16), 255, np.uint8)])
+    with pytest.raises(DatasetError, match=r"every pixel of its 2 training mask\(s\) is 255 \(ignore\)"):
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+
+
+def test_all_background_masks_are_refused(tmp_path, no_steps):
+    write_masks(tmp_path / "data", "train", [np.zeros((16, 16), np.uint8)] * 2)
+    write_masks(tmp_path / "data", "val", [np.zeros((16, 16), np.uint8)])
+    with pytest.raises(DatasetError, match=r"every labelled pixel .* is class 0 \(512 pixels\).*two classes"):
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+
+
+def test_a_stray_label_is_named_with_its_file_and_pixel_count(tmp_path, no_steps):
+    masks = [np.random.default_rng(i).integers(0, 3, (16, 16)).astype(np.uint8) for i in range(3)]
+    masks[1][5, 6] = 200
+    write_masks(tmp_path / "data", "train", masks)
+    write_masks(tmp_path / "data", "val", masks[:1])
+    with pytest.raises(DatasetError) as err:
+        train(folder_cfg(tmp_path / "data", tmp_path / "out"), log=lambda *a: None)
+    message = str(err.value)
+    assert "201-class model" in message and "--num-classes" in message
+    assert f"value 200 (1 pixel(s), first in {tmp_path / 'data' / 'train' / 'masks' / 'm1.png'}" in message
+    # saying --num-classes 3 turns it into an ordinary out-of-range label, named with its file
+    with pytest.raises(DatasetError, match=r"m1\.png.*label value 200 >= num_classes=3"):
+        train(TrainConfig(**{**asdict_cfg(folder_cfg(tmp_path / "data", tmp_path / "out")), "num_classes": 3}),
+              log=lambda *a: None)
+
+
+def asdict_cfg(cfg):
+    from dataclasses import asdict  # noqa: PLC0415
+    return asdict(cfg)
+
+
+def test_num_classes_covers_classes_the_masks_do_not_show(tmp_path):
+    """Labels 0 and 12 only (a subset of a larger label set): inferring is refused, saying it is trains."""
+    masks = [np.where(np.random.default_rng(i).random((16, 16)) < 0.3, 12, 0).astype(np.uint8) for i in range(2)]
+    write_masks(tmp_path / "data", "train", masks)
+    write_masks(tmp_path / "data", "val", masks[:1])
+    cfg = folder_cfg(tmp_path / "data", tmp_path / "out")
+    with pytest.raises(DatasetError, match="13-class model"):
+        train(cfg, log=lambda *a: None)
+    history = train(TrainConfig(**{**asdict_cfg(cfg), "num_classes": 13}), log=lambda *a: None)
+    assert len(history[0]["per_class_iu"]) == 13
+
+
+# -- SIGKILL at random moments: the run folder stays consistent and resumes exactly ----------------
+
+KILL_CHILD = r"""
+import sys, time
+import numpy as np
+import minifcn.train as T
+from minifcn.cli import main
+
+def mark(what):
+    print(what, flush=True)
+
+step, evaluate, savez = T.SGD.step, T.evaluate, np.savez
+
+def marked_step(self):
+    mark("STEP")
+    step(self)
+
+def marked_evaluate(*args, **kwargs):
+    mark("EVAL")
+    return evaluate(*args, **kwargs)
+
+def marked_savez(f, **arrays):
+    mark("SAVE")                # killed from here on: a partial temporary
+    savez(f, **arrays)
+    mark("SAVED")               # killed here: a full-size temporary, not yet renamed
+    time.sleep(0.03)
+
+T.SGD.step, T.evaluate, np.savez = marked_step, marked_evaluate, marked_savez
+sys.exit(main(sys.argv[1:]))
+"""
+
+KILL_RUN = dict(model="encoder-decoder", width=1 / 16, image_size=16, train_images=4, val_images=2, batch_size=2,
+                epochs=4, lr=0.05, schedule="poly", dropout=0.0, seed=5)
+
+
+def kill_run_args(out, resume):
+    flags = {"model": "--model", "width": "--width", "image_size": "--image-size", "train_images": "--train-images",
+             "val_images": "--val-images", "batch_size": "--batch-size", "epochs": "--epochs", "lr": "--lr",
+             "schedule": "--schedule", "dropout": "--dropout", "seed": "--seed"}
+    args = ["train", "--out", str(out), "--no-progress", "--device", "cpu"]
+    for name, flag in flags.items():
+        args += [flag, str(KILL_RUN[name])]
+    return args + (["--resume"] if resume else [])
+
+
+def run_child(out, resume, kill_at=None, rng=None, timeout=120):
+    """Start a training of KILL_RUN in another process; with ``kill_at=(marker, n)``, SIGKILL it a random
+    0-10 ms after its n-th ``marker`` line. Returns (killed, stdout lines)."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", KILL_CHILD, *kill_run_args(out, resume)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    guard = threading.Timer(timeout, proc.kill)
+    guard.start()
+    lines, seen, killed = [], 0, False
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if kill_at and line.strip() == kill_at[0]:
+                seen += 1
+                if seen == kill_at[1]:
+                    time.sleep(rng.uniform(0, 0.01))
+                    proc.kill()
+                    proc.wait()
+                    killed = True
+                    break
+        err = proc.stderr.read()
+        code = proc.wait()
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    if not killed:
+        assert code == 0, f"exit {code}\n" + "\n".join(lines[-20:]) + err
+    return killed, lines
+
+
+def check_consistent(out):
+    """After a kill: a checkpoint (if any) loads and is finite, and metrics.jsonl is exactly its history."""
+    ckpt, metrics = out / "checkpoint.npz", out / "metrics.jsonl"
+    if not ckpt.exists():
+        assert not metrics.exists() and not (out / "best.npz").exists()
+        return 0
+    _, meta = train_module.load_trusted_checkpoint(ckpt)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in meta["history"]] == list(range(1, meta["epoch"] + 2))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in meta["history"]]
+    return meta["epoch"] + 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kill-reference") / "run"
+    return train(TrainConfig(out=str(out), **KILL_RUN, progress=False, num_preview=2), log=lambda *a: None)
+
+
+def kill_and_resume(tmp_path, uninterrupted, kills, seed):
+    """SIGKILL KILL_RUN ``kills`` times, at a step, the start of a save, a finished but unrenamed
+    temporary, or an evaluation (in turn, at a random one of the next few), resuming each time."""
+    rng = np.random.default_rng(seed)
+    phases = ["STEP", "SAVE", "SAVED", "EVAL"]
+    round_, done, temporaries_seen, cleaned = 0, 0, 0, 0
+    out = tmp_path / f"round{round_}"
+    progress = []
+    while done < kills:
+        resume = (out / "checkpoint.npz").exists()
+        killed, lines = run_child(out, resume, (phases[done % 4], int(rng.integers(1, 4))), rng)
+        cleaned += sum("left by an interrupted save" in line for line in lines)
+        if not killed:  # finished before the chosen moment: check it, then a new round
+            finish(out, uninterrupted)
+            round_ += 1
+            out = tmp_path / f"round{round_}"
+            continue
+        done += 1
+        temporaries_seen += any(p.name.startswith(".") for p in out.iterdir()) if out.exists() else 0
+        progress.append(check_consistent(out))
+    _, lines = run_child(out, (out / "checkpoint.npz").exists())  # to the end, unhurried
+    cleaned += sum("left by an interrupted save" in line for line in lines)
+    finish(out, uninterrupted)
+    return progress, temporaries_seen, cleaned
+
+
+def finish(out, uninterrupted):
+    """The run ended: same metrics, epoch by epoch, as the uninterrupted run; no temporaries left."""
+    assert check_consistent(out) == KILL_RUN["epochs"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row, ref in zip(rows, uninterrupted):
+        for key in ("train_loss", "pixel_acc", "mean_iu", "lr"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (row["epoch"], key)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, uninterrupted):
+    """20 SIGKILLs (5 each during a step, a save, a finished-but-unrenamed save and an evaluation):
+    after each the checkpoint loads, is finite and agrees with metrics.jsonl; each resumed run ends
+    with the uninterrupted run's metrics; temporaries left by killed saves are removed."""
+    progress, temporaries_seen, cleaned = kill_and_resume(tmp_path, uninterrupted, kills=20, seed=0)
+    assert len(progress) == 20
+    assert temporaries_seen >= 1 and cleaned >= temporaries_seen  # the case arose, and was cleaned up
+    assert max(progress) >= 2  # the kills landed in several epochs, not only before the first checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_many_more_times(tmp_path, uninterrupted, seed):
+    kill_and_resume(tmp_path, uninterrupted, kills=40, seed=seed)

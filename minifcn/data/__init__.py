@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .checks import DatasetError, check_sample, read_image, read_mask, validate_dataset
+from .checks import DatasetError, check_learnable, check_sample, read_image, read_mask, validate_dataset
 from .folder import FolderDataset
 from .loader import DataLoader
 from .shapes import SHAPES_CLASSES, ShapesDataset
@@ -13,7 +13,7 @@ from .voc import VOC_CLASSES, VOCSegmentation
 DATASETS = ("shapes", "voc", "folder")
 
 __all__ = ["DATASETS", "DataLoader", "DatasetError", "FolderDataset", "IMAGENET_MEAN_RGB", "SHAPES_CLASSES",
-           "ShapesDataset", "VOCSegmentation", "VOC_CLASSES", "check_sample", "get_dataset", "random_crop",
+           "ShapesDataset", "VOCSegmentation", "VOC_CLASSES", "check_learnable", "check_sample", "get_dataset", "random_crop",
            "random_flip", "read_image", "read_mask", "to_tensor", "validate_dataset"]
 
 

@@ -133,3 +133,27 @@ def validate_dataset(dataset, num_classes: int):
         raise DatasetError(f"{len(problems)} problem(s) in dataset {type(dataset).__name__} "
                            f"({n} samples):\n  {listed}{more}")
     return counts
+
+
+def check_learnable(dataset, pixel_counts) -> None:
+    """Refuse a training set a model cannot learn from, before the first step.
+
+    ``pixel_counts``: (num_classes,) labelled pixels per class, as
+    :func:`validate_dataset` returns them. Raises DatasetError when no pixel
+    is labelled (every mask all 255 = ignore: the loss would be 0/0) or when
+    only one class occurs (a one-class model scores a mean IU of 1.0 by
+    predicting that class everywhere).
+    """
+    counts = np.asarray(pixel_counts)
+    where = getattr(dataset, "root", None) or type(dataset).__name__
+    hint = (f"masks hold class indices 0, 1, 2, ... with {IGNORE_LABEL} = ignore; a black-and-white mask (0 and "
+            f"{IGNORE_LABEL}) marks its objects as ignored: write them as 1")
+    if counts.sum() == 0:
+        raise DatasetError(f"dataset {where}: every pixel of its {len(dataset)} training mask(s) is "
+                           f"{IGNORE_LABEL} (ignore), so there is nothing to learn from ({hint})")
+    present = np.flatnonzero(counts)
+    if present.size < 2:
+        c = int(present[0])
+        raise DatasetError(f"dataset {where}: every labelled pixel of its {len(dataset)} training mask(s) is class "
+                           f"{c} ({int(counts[c])} pixels), and a model needs at least two classes to learn to tell "
+                           f"apart ({hint})")

@@ -14,6 +14,7 @@ import numpy as np
 from .checks import IGNORE_LABEL, DatasetError, check_sample, read_image, read_mask
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+GAP_LIMIT = 8  # classes that never occur that an inferred class count may hold (a subset of VOC's 21 lacks some)
 
 
 class FolderDataset:
@@ -22,7 +23,10 @@ class FolderDataset:
     Args:
         root: folder holding ``images/`` and ``masks/``.
         num_classes: number of classes; None infers max label + 1 (255 excluded)
-            by reading every mask the first time ``num_classes`` is asked for.
+            by reading every mask the first time ``num_classes`` is asked for,
+            and refuses to when that would make more than ``GAP_LIMIT`` classes that
+            never occur, and more of them than classes that do (a stray value 200
+            among 0, 1, 2 would make 201 classes): pass it then.
         class_names: optional names; default 'class_0', 'class_1', ...
 
     ``ds[i] -> (image uint8 (H, W, 3), label uint8 (H, W))``. ``ds.files`` lists
@@ -67,13 +71,34 @@ class FolderDataset:
             if self._class_names is not None:
                 self._num_classes = len(self._class_names)
             else:
-                top = 0
-                for _, mask_path in self.files:
-                    values = np.unique(read_mask(mask_path))
-                    values = values[values != IGNORE_LABEL]
-                    top = max(top, int(values.max()) if values.size else 0)
-                self._num_classes = top + 1
+                self._num_classes = self._infer_num_classes()
         return self._num_classes
+
+    def _infer_num_classes(self) -> int:
+        counts = np.zeros(256, dtype=np.int64)
+        first = {}  # label value -> (first mask holding it, its pixels there)
+        for _, mask_path in self.files:
+            if not os.path.isfile(mask_path):
+                continue  # an image without mask: reported by validate_dataset
+            c = np.bincount(read_mask(mask_path).ravel(), minlength=256)
+            for v in np.flatnonzero(c):
+                first.setdefault(int(v), (mask_path, int(c[v])))
+            counts += c
+        counts[IGNORE_LABEL] = 0
+        values = np.flatnonzero(counts)
+        top = int(values.max()) if values.size else 0
+        never = top + 1 - values.size
+        if never > max(values.size, GAP_LIMIT):  # e.g. 0, 1, 2 and one stray 200: 201 classes, 197 never occur
+            cut = int(np.argmax(np.diff(values))) + 1 if values.size > 1 else 0
+            stray = "; ".join(f"value {v} ({counts[v]} pixel(s), first in {first[v][0]}: {first[v][1]} there)"
+                              for v in values[cut:cut + 5].tolist())
+            raise DatasetError(
+                f"folder dataset {self.root}: its masks use the label values {values.tolist()[:12]}"
+                f"{' ...' if values.size > 12 else ''}; counting classes up to the largest would make a "
+                f"{top + 1}-class model in which {never} classes never occur. Suspicious: {stray}. Fix those "
+                f"masks, or give the number of classes (--num-classes N, FolderDataset(num_classes=N)): "
+                f"label values >= N are then reported as errors")
+        return top + 1
 
     @property
     def class_names(self) -> list[str]:

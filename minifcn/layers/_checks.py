@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numbers
+import random
 
-from ..backend import device_of
+import numpy as np
+
+from ..backend import device_of, get_array_module
 
 _DEVICE_WORDS = {"cpu": "the CPU (a NumPy array)", "gpu": "the GPU (a CuPy array)"}
 
@@ -53,8 +56,13 @@ def check_grad(dy, expected_shape, layer: str):
     """Validate an upstream gradient against the shape forward produced."""
     if dy is None:
         raise ValueError(f"{layer}: backward needs an upstream gradient, got None")
+    if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+        raise TypeError(f"{layer}: upstream gradient must be a NumPy or CuPy array, got {type(dy).__name__}")
     if tuple(dy.shape) != tuple(expected_shape):
         raise ValueError(f"{layer}: upstream gradient has shape {tuple(dy.shape)}, forward produced {tuple(expected_shape)}")
+    if dy.dtype.kind != "f":
+        raise ValueError(f"{layer}: upstream gradient must be float32 or float64, got dtype {dy.dtype} "
+                         f"(convert it with .astype(np.float32))")
     return dy
 
 
@@ -100,3 +108,58 @@ def check_positive_output(out_shape, x_shape, padding, layer: str):
     if min(out_shape[2:]) < 1:
         raise ValueError(f"{layer}: output size {tuple(out_shape[2:])} is not positive for input shape "
                          f"{tuple(x_shape)} (padding={padding} removes too much)")
+
+class SavedInput:
+    """The input a layer keeps for its backward, and a check that it was not changed in place.
+
+    A layer that needs its input in backward (a convolution's weight gradient
+    is ``dy . im2col(x)^T``) keeps a reference, not a copy. Changing that array
+    in place between forward and backward (``y = conv(x); x[:] = 0``) would
+    make backward compute the gradient of another input, silently. PyTorch
+    raises there (a version counter on every tensor); NumPy arrays have none.
+    So forward keeps the bytes of ``SAMPLES`` elements of the input, evenly
+    spaced in memory order from a random start (256 to 511 numbers, whatever
+    the input's size), and backward compares them: a change raises RuntimeError.
+
+    What it catches: any in-place change to a run of at least ``size / 256``
+    consecutive elements (in C order) that changes their values: refilling a
+    buffer with the next batch, ``x[:] = 0``, ``x -= mean``, one image of a
+    batch, one channel, a few rows. A change to a few scattered elements may
+    pass unseen (the gradient is then off by about that change).
+
+    Why not the alternatives: a copy or a checksum of the whole input reads
+    every element once more, forward and backward (for FCN-8s, 50 times the
+    sample's cost: benchmarks/RESULTS.md); making the caller's array
+    read-only (``x.flags.writeable = False`` until backward) costs nothing but
+    also forbids the ordinary finite-difference loop (``x[i] += eps; f(x)``,
+    forward without backward), exists only in NumPy, and misses writes
+    through another view of the same memory.
+    """
+
+    SAMPLES = 256
+    _starts = random.Random(0)  # its own generator: the user's random module is left alone
+    __slots__ = ("array", "_where", "_sample")
+
+    def __init__(self, x):
+        self.array = x
+        step = max(1, x.size // self.SAMPLES)
+        self._where = slice(self._starts.randrange(step), x.size, step)
+        self._sample = self._take()
+
+    def _take(self) -> bytes:
+        x = self.array
+        if x.flags.c_contiguous:
+            sample = x.reshape(-1)[self._where]
+        else:  # any other layout: gather the same positions
+            flat = np.arange(x.size)[self._where]
+            sample = x[tuple(get_array_module(x).asarray(i) for i in np.unravel_index(flat, x.shape))]
+        return sample.tobytes()  # compared bit for bit: a NaN left alone is unchanged, a rewritten one too
+
+    def check(self, layer: str):
+        """The saved input, after checking its sample; RuntimeError naming ``layer`` if it changed."""
+        if self._take() != self._sample:
+            raise RuntimeError(
+                f"{layer}: its input (shape {tuple(self.array.shape)}) was changed in place between forward "
+                f"and backward, so backward would compute the gradient of another input. Change the array "
+                f"only after backward, or pass forward a copy (x.copy()).")
+        return self.array

@@ -6,10 +6,9 @@ A convolution with weight ``W`` (out, in, kh, kw) is a matrix ``y = C x`` (plus 
 * :func:`conv2d_input_grad`   ``dx = C^T dy``   one product, then col2im (the adjoint of im2col)
 * :func:`conv2d_weight_grad`  ``dW = dy cols^T``  im2col, one product
 
-These are the *textbook routes*. A transposed convolution *is* ``C^T``: its forward is
-``conv2d_input_grad``, its input gradient ``conv2d_forward``, its weight gradient ``conv2d_weight_grad``
-with input and upstream gradient exchanged. PyTorch stores its weight as (in, out, kh, kw):
-exactly the (out, in, kh, kw) weight of the convolution it is the transpose of.
+These are the *textbook routes*. A transposed convolution *is* ``C^T``: its forward is ``conv2d_input_grad``,
+its input gradient ``conv2d_forward``, its weight gradient ``conv2d_weight_grad`` with input and upstream
+gradient exchanged (its PyTorch weight (in, out, kh, kw) is the (out, in, kh, kw) weight of C).
 
 The layers ask :func:`minifcn.routes.select` for the route of each map: the textbook one under
 ``MINIFCN_ROUTE=textbook`` (or ``with minifcn.route("textbook")``), else perhaps a fast route of
@@ -20,8 +19,8 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ..routes import register, run
-from ._checks import (check_accumulate, check_grad, check_kernel_fits, check_nchw, check_positive_output,
-                      check_same_dtype, need_forward, pair)
+from ._checks import (SavedInput, check_accumulate, check_grad, check_kernel_fits, check_nchw,
+                      check_positive_output, check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
 from .conv_fast import FORWARD, INPUT_GRAD, WEIGHT_GRAD, conv_facts
 from .init import uniform_init as _uniform_init  # (tests replace it to build zero models fast)
@@ -124,20 +123,19 @@ class Conv2d(_Convolution):
         check_kernel_fits(x.shape, self.kernel_size, self.padding, self.dilation, "Conv2d")
         bias = None if self.bias is None else self.bias.data
         y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias)
-        self._cache = (x, y.shape)  # the input, not its columns: backward unfolds it again
+        self._cache = (SavedInput(x), y.shape)  # the input (checked unchanged in backward), not its columns
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W) (None if not input_grad); adds dW, db into .grad."""
-        x, y_shape = need_forward(self._cache, "Conv2d")
+        saved, y_shape = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
+        x = saved.check("Conv2d")
         passes = self.route_facts(x.shape)
         if self.weight.trainable:
             run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad)
         self._bias_grad(dy)
-        if not self.input_grad:
-            return None
-        return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry)
+        return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry) if self.input_grad else None
 
 
 class ConvTranspose2d(_Convolution):
@@ -183,13 +181,14 @@ class ConvTranspose2d(_Convolution):
         y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, out_shape, *self.geometry)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)
-        self._cache = (x, out_shape)
+        self._cache = (SavedInput(x), out_shape)
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx = C dy (N, Cin, H, W), cut to x's size; adds dW, db into .grad."""
-        x, out_shape = need_forward(self._cache, "ConvTranspose2d")
+        saved, out_shape = need_forward(self._cache, "ConvTranspose2d")
         check_grad(dy, out_shape, "ConvTranspose2d")
+        x = saved.check("ConvTranspose2d")
         passes = self.route_facts(x.shape)
         dx = run(*passes["input grad"], dy, self.weight.data, *self.geometry, x.shape[2:])
         if self.weight.trainable:  # FCN's fixed bilinear upsampling skips this product

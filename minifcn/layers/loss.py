@@ -48,6 +48,25 @@ def _to_host(xp, *scalars):
     return to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in scalars])).tolist()
 
 
+def _soft_target_masks(targets, logits, layer, ignore_index):
+    """Float targets (N, H, W) in [0, 1] (soft targets, as PyTorch's binary_cross_entropy_with_logits
+    takes) or equal to ignore_index: the masks (counted, bad), as :func:`_label_masks`."""
+    n, _, h, w = logits.shape
+    if targets.shape != (n, h, w):
+        raise ValueError(f"{layer}: targets must have shape (N, H, W) = {(n, h, w)}, got {tuple(targets.shape)}")
+    check_same_device(targets, logits, layer, "targets", "logits")
+    in_range = (targets >= 0) & (targets <= 1)                          # NaN is outside
+    if ignore_index is None:
+        return in_range, ~in_range
+    ignored = targets == ignore_index
+    return in_range & ~ignored, ~(in_range | ignored)
+
+
+def _raise_bad_soft_target(targets, bad, layer, ignore_index):
+    raise ValueError(f"{layer}: float targets must lie in [0, 1] (or equal ignore_index={ignore_index}), "
+                     f"got {float(targets[bad].ravel()[0])} at {int(bad.sum())} pixel(s)")
+
+
 class SoftmaxCrossEntropy(Module):
     """Softmax over channels, then the negative log-likelihood of each pixel's label.
 
@@ -73,6 +92,10 @@ class SoftmaxCrossEntropy(Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.class_weight = None if class_weight is None else np.asarray(class_weight, dtype=np.float64)
+        if self.class_weight is not None and not (np.isfinite(self.class_weight).all() and (self.class_weight >= 0).all()):
+            k = int(np.flatnonzero(~(np.isfinite(self.class_weight) & (self.class_weight >= 0)))[0])
+            raise ValueError(f"SoftmaxCrossEntropy: class_weight must be finite and >= 0, got {self.class_weight[k]} "
+                             f"for class {k}")
         self._cache = None
 
     def forward(self, logits, labels) -> float:
@@ -122,8 +145,9 @@ class SigmoidBinaryCrossEntropy(Module):
     ``loss_p = max(z, 0) - z t + log(1 + exp(-|z|))`` (stable form of
     ``-t log s(z) - (1-t) log(1 - s(z))``); ``dloss_p/dz = s(z) - t``.
 
-    Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W) with values
-    0 or 1 (or ignore_index). Reduction 'mean' over counted pixels or 'sum'.
+    Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W): integer
+    0 or 1, or float in [0, 1] (soft targets, as in PyTorch and Keras); pixels
+    equal to ignore_index are not counted. Reduction 'mean' over counted pixels or 'sum'.
     """
 
     def __init__(self, reduction: str = "mean", ignore_index: int | None = 255):
@@ -141,13 +165,19 @@ class SigmoidBinaryCrossEntropy(Module):
             if targets.shape[1] != 1:
                 raise ValueError(f"SigmoidBinaryCrossEntropy: targets must be (N, H, W) or (N, 1, H, W), got {tuple(targets.shape)}")
             targets = targets[:, 0]
-        valid, bad = _label_masks(targets, logits, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+        soft = getattr(getattr(targets, "dtype", None), "kind", None) == "f"  # soft targets in [0, 1]
+        if soft:
+            valid, bad = _soft_target_masks(targets, logits, "SigmoidBinaryCrossEntropy", self.ignore_index)
+        else:
+            valid, bad = _label_masks(targets, logits, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         z = logits[:, 0]
         t = xp.where(valid, targets, 0).astype(logits.dtype)
         e = xp.exp(-xp.abs(z))                                        # in (0, 1]: never overflows
         pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(e)
         weight = valid.astype(logits.dtype)
         loss_sum, count, n_bad = _to_host(xp, (pixel_loss * weight).sum(), weight.sum(), bad.sum())
+        if n_bad and soft:
+            _raise_bad_soft_target(targets, bad, "SigmoidBinaryCrossEntropy", self.ignore_index)
         if n_bad:
             _raise_bad_label(targets, bad, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
