@@ -1,6 +1,7 @@
 """The ``minifcn`` command line: train, eval, predict, gradcheck.
 
-Run ``minifcn --help`` or ``python -m minifcn --help``.
+Run ``minifcn --help`` or ``python -m minifcn --help``. ``mpiexec -n N minifcn train ...``
+trains one model on N processes (docs/data_parallel.md).
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import argparse
 import os
 import sys
 import time
+
+from .distributed import fail, launched_size, world
 
 
 def _add_train(sub):
@@ -43,6 +46,7 @@ def _add_train(sub):
     p.add_argument("--bgr", action="store_true", help="feed BGR (Caffe-converted weights)")
     p.add_argument("--vgg-weights", default=None, help=".npz of torchvision VGG16 weights for the backbone")
     p.add_argument("--device", default=None, help="cpu or gpu (default: $MINIFCN_DEVICE or cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="parameters and inputs")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from OUT/checkpoint.npz (same model, width, dataset, image size)")
@@ -65,19 +69,19 @@ def cmd_train(args):
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,
                       bgr=args.bgr,
-                      vgg_weights=args.vgg_weights, device=check_device(args.device), seed=args.seed,
-                      resume=args.resume, overwrite=args.overwrite, num_classes=args.num_classes,
+                      vgg_weights=args.vgg_weights, device=check_device(args.device), dtype=args.dtype,
+                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, num_classes=args.num_classes,
                       progress=not args.no_progress)
     start = time.perf_counter()
     try:
         history = train(cfg)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return fail(f"error: {exc}", 3)
     except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)  # one line: where the last checkpoint is, how to resume
+        if world().rank == 0:  # Ctrl-C reaches every rank; one of them says it
+            print(exc, file=sys.stderr)  # one line: where the last checkpoint is, how to resume
         return 130
-    if history:
+    if history and world().rank == 0:
         best = max(history, key=lambda r: r["mean_iu"])
         print(f"done in {time.perf_counter() - start:.0f} s: best mean IU {best['mean_iu']:.4f} at epoch "
               f"{best['epoch']}; see {cfg.out}/ (metrics.jsonl, loss.png, predictions.png, best.npz)")
@@ -223,7 +227,12 @@ def main(argv=None):
     p.add_argument("--mode", choices=("elementwise", "random"), default="elementwise")
     p.add_argument("--tol", type=float, default=1e-6)
     _add_explain(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage; under MPI stop the other ranks too
+        if exc.code and launched_size() is not None:
+            return fail("error: invalid command line (see the usage above)", exc.code)
+        raise
     handlers = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "gradcheck": cmd_gradcheck,
                 "explain": cmd_explain}
     try:
@@ -233,5 +242,5 @@ def main(argv=None):
         return 130
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         # Bad input (a corrupt checkpoint, a missing dataset, a label out of range...): one clear line.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        # Under MPI the failing rank's message, then every rank stops (no rank is left waiting).
+        return fail(f"error: {exc}", 2)

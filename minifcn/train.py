@@ -23,6 +23,14 @@ Nothing is lost and nothing is silently wrong:
 * a non-finite loss, weight or logit stops training with
   :class:`TrainingDiverged`, Ctrl-C with :class:`TrainingInterrupted`; both
   say where the last good checkpoint is.
+
+Under ``mpiexec -n N`` the same loop trains one model on N processes
+(:mod:`minifcn.distributed`, docs/data_parallel.md): each takes its
+``batch_size`` images of every global batch of ``N * batch_size``, the loss is
+normalised over the global batch, gradients are averaged, evaluation is
+sharded and its confusion matrices summed, and rank 0 alone writes the run
+folder. With one process the communicator is a stand-in whose operations do
+nothing.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ from .backend import check_device, get_array_module, to_device, to_numpy
 from .checkpoint import (SUFFIX, CheckpointError, checkpoint_writer, first_nonfinite, load_checkpoint, read_meta,
                          split_prefix)
 from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, validate_dataset
+from .distributed import global_loss, world
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
 from .models import build_model, load_vgg16_npz
@@ -94,6 +103,7 @@ class TrainConfig:
     bgr: bool = False
     vgg_weights: str | None = None
     device: str = "cpu"
+    dtype: str = "float32"         # or float64 (as exact as the gradient checks; the distributed equivalence test)
     seed: int = 0
     resume: bool = False
     overwrite: bool = False        # replace the run files of a non-empty out folder
@@ -189,9 +199,14 @@ def make_loss(model, reduction: str, class_weight=None):
     return SoftmaxCrossEntropy(ignore_index=255, reduction=reduction, class_weight=class_weight)
 
 
+def model_dtype(model):
+    """The dtype of the model's parameters (its input must have it too)."""
+    return model.parameters()[0].dtype
+
+
 def predict_labels(model, images):
     """Class index per pixel: argmax over channels (or logit > 0 for one channel)."""
-    return labels_of(model(images))
+    return labels_of(model(images.astype(model_dtype(model), copy=False)))
 
 
 def labels_of(logits):
@@ -201,27 +216,34 @@ def labels_of(logits):
     return logits.argmax(axis=1)
 
 
-def evaluate(model, loader, num_classes: int, device: str = "cpu"):
+def evaluate(model, loader, num_classes: int, device: str = "cpu", comm=None):
     """Accumulate one confusion matrix over the whole loader; returns ``scores()`` of it.
 
     Raises NonFiniteLogits if the model's logits hold NaN or infinity (their argmax
-    would be scored as class 0, a plausible-looking pixel accuracy).
+    would be scored as class 0, a plausible-looking pixel accuracy). With a
+    communicator of N ranks, each rank's loader holds its shard of the data and
+    the matrices are summed over the ranks before scoring.
     """
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2))
+    dtype = model_dtype(model)
     for batch, (images, labels) in enumerate(loader):
-        logits = model(to_device(images, device))
+        logits = model(to_device(images, device).astype(dtype, copy=False))
         if not bool(get_array_module(logits).isfinite(logits).all()):
             model.train()
             raise NonFiniteLogits(f"the model's logits hold NaN or infinity on evaluation batch {batch}")
         confusion.update(labels_of(logits), to_device(labels, device))
+    (comm or world()).allreduce_sum_(confusion.matrix)
     model.train()
     return confusion.scores()
 
 
+def _dropout_modules(model):
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "rng", None), np.random.Generator)}
+
+
 def _dropout_states(model):
-    return {name: m.rng.bit_generator.state for name, m in model.named_modules()
-            if isinstance(getattr(m, "rng", None), np.random.Generator)}
+    return {name: m.rng.bit_generator.state for name, m in _dropout_modules(model).items()}
 
 
 def _set_dropout_states(model, states):
@@ -230,8 +252,19 @@ def _set_dropout_states(model, states):
         modules[name].rng.bit_generator.state = state
 
 
+def _rank_dropout_streams(model, seed: int, rank: int, epoch: int) -> None:
+    """Rank r > 0 draws its own dropout masks, from ``[seed, rank, epoch]`` (rank 0 keeps the model's)."""
+    for i, (_, m) in enumerate(sorted(_dropout_modules(model).items())):
+        m.rng = np.random.default_rng([seed, rank, epoch, i])
+
+
+DTYPES = ("float32", "float64")
+
+
 def build_from_config(cfg: TrainConfig, num_classes: int):
-    return build_model(cfg.model, num_classes=num_classes, width=cfg.width, seed=cfg.seed,
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    return build_model(cfg.model, num_classes=num_classes, width=cfg.width, seed=cfg.seed, dtype=np.dtype(cfg.dtype),
                        **({} if cfg.model == "encoder-decoder" else
                           dict(learn_upsampling=cfg.learn_upsampling, dropout=cfg.dropout)))
 
@@ -434,19 +467,37 @@ def _last_checkpoint_line(ckpt, cfg):
     return f"the last checkpoint is {ckpt}{at}; continue with the same command and --resume"
 
 
-def train(cfg: TrainConfig, log=print):
-    """Train according to ``cfg``; returns the history (list of per-epoch dicts)."""
+def launch_description(cfg: TrainConfig, train_set, val_set, pixel_counts, model) -> dict:
+    """What every rank of a distributed run must agree on: the configuration (less the paths that may
+    differ between machines), the data, and the model's parameters."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "out", "vgg_weights", "progress")}
+    return {"config": config, "train_images": len(train_set), "val_images": len(val_set),
+            "train_pixels_per_class": [int(c) for c in pixel_counts],
+            "parameters": {name: f"{tuple(p.shape)} {p.dtype}{'' if p.trainable else ' fixed'}"
+                           for name, p in model.named_parameters()}}
+
+
+def train(cfg: TrainConfig, log=print, comm=None):
+    """Train according to ``cfg``; returns the history (list of per-epoch dicts).
+
+    ``comm`` (default :func:`minifcn.distributed.world`) is the communicator:
+    a stand-in for one process, or MPI under ``mpiexec``.
+    """
+    comm = comm or world()
+    log = log if comm.rank == 0 else (lambda *args, **kwargs: None)
     check_config(cfg)
     device = check_device(cfg.device)
-    prepare_run_folder(cfg, log)
+    if comm.rank == 0:  # rank 0 alone reads and writes the run folder (an error there stops every rank)
+        prepare_run_folder(cfg, log)
     ckpt = os.path.join(cfg.out, "checkpoint.npz")
     try:
-        return _train(cfg, device, log)
+        return _train(cfg, device, log, comm)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted: {_last_checkpoint_line(ckpt, cfg)}") from None
 
 
-def _train(cfg: TrainConfig, device, log):
+def _train(cfg: TrainConfig, device, log, comm):
+    comm.bind_device(device)
     train_set, val_set = make_datasets(cfg)
     num_classes = train_set.num_classes
     pixel_counts = validate_dataset(train_set, num_classes)  # every file checked before the first step
@@ -460,59 +511,77 @@ def _train(cfg: TrainConfig, device, log):
     if cfg.vgg_weights:
         load_vgg16_npz(model, cfg.vgg_weights)
     model.to(device)
+    comm.check_same(launch_description(cfg, train_set, val_set, pixel_counts, model))
     model.input_grad = False  # the images need no gradient: conv1_1 skips its largest product
     optimizer = SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = make_loss(model, cfg.reduction, weights)
     loader_kw = dict(mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
+    shards = dict(num_shards=comm.size, shard=comm.rank)  # rank r takes its cfg.batch_size images of each global batch
+    if comm.size > 1 and len(train_set) < comm.size * cfg.batch_size:
+        raise ValueError(f"the training set has {len(train_set)} images, fewer than one global batch of "
+                         f"{comm.size} ranks x batch size {cfg.batch_size}")
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, crop_size=cfg.crop_size,
-                              flip=cfg.flip, drop_last=len(train_set) >= cfg.batch_size, **loader_kw)
+                              flip=cfg.flip, drop_last=len(train_set) >= comm.size * cfg.batch_size,
+                              **loader_kw, **shards)
     val_loader = DataLoader(val_set, cfg.batch_size if cfg.crop_size is None and cfg.dataset == "shapes" else 1,
-                            **loader_kw)
+                            **loader_kw, **shards)
     schedule = make_schedule(cfg.schedule, cfg.lr, max(1, cfg.epochs * len(train_loader)))
 
-    os.makedirs(cfg.out, exist_ok=True)
     paths = {name: os.path.join(cfg.out, f"{name}{ext}")
              for name, ext in (("checkpoint", ".npz"), ("best", ".npz"), ("metrics", ".jsonl"))}
     ckpt = paths["checkpoint"]
     history, start_epoch = [], 0
-    if cfg.resume:
-        history, start_epoch = _resume(ckpt, cfg, model, optimizer, num_classes)
-        # metrics.jsonl as the checkpoint has it (written with it; rewritten in case an older run left more)
-        atomic_write_all([(paths["metrics"], _metrics_writer(history), ".tmp")])
-        log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
-    elif cfg.overwrite:
-        _remove_run_files(cfg.out, log)
+    if comm.rank == 0:  # rank 0 alone reads and writes the run folder
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.resume:
+            history, start_epoch = _resume(ckpt, cfg, model, optimizer, num_classes)
+            # metrics.jsonl as the checkpoint has it (written with it; rewritten in case an older run left more)
+            atomic_write_all([(paths["metrics"], _metrics_writer(history), ".tmp")])
+            log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
+        elif cfg.overwrite:
+            _remove_run_files(cfg.out, log)
+    # Every rank starts from rank 0's parameters, momentum and place in the schedule.
+    history, start_epoch = comm.broadcast_object((history, start_epoch))
+    comm.broadcast_arrays([p.data for p in model.parameters()] + list(optimizer.state_dict().values()))
+    if comm.rank > 0:
+        _rank_dropout_streams(model, cfg.seed, comm.rank, start_epoch)
+    average_gradients = comm.gradient_averager(optimizer.named_params)
     best = max((row["mean_iu"] for row in history if not math.isnan(row["mean_iu"])), default=-1.0)
 
     log(f"training {cfg.model} (width {cfg.width}, {model.num_parameters(True):,} learnable parameters) on "
-        f"{cfg.dataset}: {len(train_set)} train / {len(val_set)} val images, {cfg.epochs} epochs, device {device}")
+        f"{cfg.dataset}: {len(train_set)} train / {len(val_set)} val images, {cfg.epochs} epochs, device {device}"
+        + (f", {comm.size} ranks x batch {cfg.batch_size} ({comm.name})" if comm.size > 1 else ""))
+    show_progress = cfg.progress and comm.rank == 0
     iteration = start_epoch * len(train_loader)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         losses = []
         batches = train_loader.epoch(epoch)
-        if cfg.progress:
+        if show_progress:
             from tqdm import tqdm  # noqa: PLC0415
             batches = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True)
         for images, labels in batches:
             optimizer.lr = schedule(iteration)
             model.zero_grad()
-            logits = model(to_device(images, device))
-            loss = loss_fn(logits, to_device(labels, device))
+            logits = model(to_device(images, device).astype(cfg.dtype, copy=False))
+            loss_fn(logits, to_device(labels, device))
+            loss, scale = global_loss(comm, loss_fn)  # over the global batch (every rank gets the same)
             if not math.isfinite(loss):
                 raise TrainingDiverged(_divergence_message(f"loss is {loss}", epoch + 1, iteration, cfg, ckpt))
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(scale))
+            average_gradients()
             optimizer.step()
             losses.append(loss)
             iteration += 1
-            if cfg.progress:
+            if show_progress:
                 batches.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{optimizer.lr:.3g}")
-        # Nothing is written unless the weights and the validation logits are finite.
+        # Nothing is written unless the weights and the validation logits are finite. The weights are the
+        # same on every rank; a rank whose shard gives non-finite logits stops the job (cli.fail).
         bad = _nonfinite_weights(model)
         try:
-            scores = None if bad else evaluate(model, val_loader, num_classes, device)
+            scores = None if bad else evaluate(model, val_loader, num_classes, device, comm)
         except NonFiniteLogits as exc:
             bad = str(exc).replace("the model's logits hold", "the validation logits hold")
         if bad:
@@ -524,10 +593,12 @@ def _train(cfg: TrainConfig, device, log):
         history.append(row)
         improved = scores["mean_iu"] > best
         best = max(best, scores["mean_iu"]) if improved else best
-        _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved)
-        plot_curves(history, os.path.join(cfg.out, "loss.png"))
-        write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
-                          cfg.num_preview, device)
+        if comm.rank == 0:
+            _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved)
+            plot_curves(history, os.path.join(cfg.out, "loss.png"))
+            write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
+                              cfg.num_preview, device)
+        comm.barrier()  # the epoch's files are whole on disk before any rank goes on (and may fail)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  pixel acc {row['pixel_acc']:.4f}  "
             f"mean IU {row['mean_iu']:.4f}  fw IU {row['fwiu']:.4f}  ({row['seconds']:.1f} s)")
     return history

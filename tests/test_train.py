@@ -743,3 +743,24 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, uninterrupted):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_many_more_times(tmp_path, uninterrupted, seed):
     kill_and_resume(tmp_path, uninterrupted, kills=40, seed=seed)
+
+
+def test_float64_training_and_its_checkpoint(tmp_path):
+    """dtype='float64': the model trains in float64, its checkpoint rebuilds a float64 model, and evaluation
+    and prediction cast the float32 images to it; an unknown dtype is refused."""
+    from minifcn.train import evaluate, predict_labels  # noqa: PLC0415
+
+    cfg = tiny_fcn(tmp_path, model="encoder-decoder", width=1 / 16, image_size=16, epochs=1, dropout=0.0,
+                   dtype="float64")
+    history = train(cfg, log=lambda *a: None)
+    assert math.isfinite(history[0]["train_loss"])
+    model, meta = load_model(tmp_path / "checkpoint.npz")
+    assert meta["config"]["dtype"] == "float64"
+    assert {p.dtype for p in model.parameters()} == {np.dtype(np.float64)}
+    val = get_dataset("shapes", split="val", num_images=2, image_size=16, seed=cfg.seed)
+    loader = train_module.DataLoader(val, 1, mean=train_module.IMAGENET_MEAN_RGB, scale=cfg.input_scale)
+    scores = evaluate(model, loader, val.num_classes)
+    assert scores["pixel_acc"] == pytest.approx(history[0]["pixel_acc"])
+    assert predict_labels(model, next(iter(loader))[0]).shape == (1, 16, 16)
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, got 'float16'"):
+        train(tiny_fcn(tmp_path / "bad", dtype="float16"), log=lambda *a: None)

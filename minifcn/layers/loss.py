@@ -2,6 +2,10 @@
 
 ``forward(logits, labels)`` returns the loss as a Python float and keeps what
 ``backward()`` needs; ``backward(scale=1.0)`` returns d(scale * loss)/dlogits.
+Each forward also keeps ``loss_sum`` (the weighted sum of the pixel losses)
+and ``count`` (the weighted number of counted pixels, the divisor of
+'mean'): training over several processes adds these up across them
+(:func:`minifcn.distributed.global_loss`).
 """
 from __future__ import annotations
 
@@ -96,7 +100,7 @@ class SoftmaxCrossEntropy(Module):
             k = int(np.flatnonzero(~(np.isfinite(self.class_weight) & (self.class_weight >= 0)))[0])
             raise ValueError(f"SoftmaxCrossEntropy: class_weight must be finite and >= 0, got {self.class_weight[k]} "
                              f"for class {k}")
-        self._cache = None
+        self._cache = self.loss_sum = self.count = None
 
     def forward(self, logits, labels) -> float:
         check_nchw(logits, "SoftmaxCrossEntropy")
@@ -119,6 +123,7 @@ class SoftmaxCrossEntropy(Module):
             _raise_bad_label(labels, bad, "SoftmaxCrossEntropy", c, self.ignore_index)
         norm = (1.0 / total if total > 0 else 0.0) if self.reduction == "mean" else 1.0
         self._cache = (exp / sumexp, safe, weight, norm)
+        self.loss_sum, self.count = loss_sum, total
         return loss_sum * norm
 
     def backward(self, scale: float = 1.0):
@@ -156,7 +161,7 @@ class SigmoidBinaryCrossEntropy(Module):
             raise ValueError(f"SigmoidBinaryCrossEntropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.ignore_index = ignore_index
-        self._cache = None
+        self._cache = self.loss_sum = self.count = None
 
     def forward(self, logits, targets) -> float:
         check_nchw(logits, "SigmoidBinaryCrossEntropy", 1)
@@ -183,6 +188,7 @@ class SigmoidBinaryCrossEntropy(Module):
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
         prob = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))             # sigmoid(z) without exp(-z)
         self._cache = (prob, t, weight, norm)
+        self.loss_sum, self.count = loss_sum, count
         return loss_sum * norm
 
     def backward(self, scale: float = 1.0):
