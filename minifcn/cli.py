@@ -215,7 +215,7 @@ def cmd_gradcheck(args):
 
 
 def _add_explain(sub):
-    p = _parser(sub, "explain", "explanations computed from the code: conv-matrix, fcn, sizes")
+    p = _parser(sub, "explain", "explanations computed from the code: conv-matrix, fcn, sizes, routes")
     what = p.add_subparsers(dest="topic", required=True)
     q = _parser(what, "conv-matrix", "the matrix C of a convolution; transposed conv and backward are C^T")
     q.add_argument("--size", type=int, default=4, help="input side (one channel)")
@@ -230,6 +230,14 @@ def _add_explain(sub):
                         "1.0 = the paper's, slow to build)")
     q.add_argument("--classes", type=int, default=21, help="number of classes (score channels)")
     q.add_argument("--all", action="store_true", help="also list ReLU and Dropout blobs")
+    q = _parser(what, "routes", "the route (textbook or fast) each layer and pass of an FCN runs, and why")
+    q.add_argument("--model", default="fcn8s", help="fcn32s, fcn16s, fcn8s or fcn8s-atonce")
+    q.add_argument("--size", type=int, default=128, help="input image side in pixels")
+    q.add_argument("--width", type=float, default=0.125,
+                   help="channel multiplier of the model, as in 'train --width' (1.0 = the paper's)")
+    q.add_argument("--batch", type=int, default=1, help="images per batch")
+    q.add_argument("--classes", type=int, default=21, help="number of classes (score channels)")
+    q.add_argument("--time", action="store_true", help="also time each pass by its textbook and its fast route")
     q = _parser(what, "sizes", "convolution and transposed-convolution output sizes; output_padding")
     q.add_argument("--size", type=int, default=7, help="input side")
     q.add_argument("--kernel", type=int, default=3, help="kernel side")
@@ -262,6 +270,15 @@ def cmd_explain(args):
               f"{args.width:g}; stride and RF in input pixels; unit u of a blob is centred on input row "
               f"'input row of unit u'; crop offsets: the model's, and in brackets the one the maps demand)\n")
         print(explain.format_fcn_table(rows, skip_activations=not args.all))
+    elif args.topic == "routes":
+        from . import explain_routes, routes  # noqa: PLC0415
+
+        rows = explain_routes.route_table(args.model, args.size, model_width=args.width, batch=args.batch,
+                                          num_classes=args.classes, time=args.time)
+        print(f"{args.model} at width {args.width:g}, one training step on {args.batch} x 3 x {args.size} x "
+              f"{args.size}; route mode {routes.mode()!r} (MINIFCN_ROUTE=textbook|fast)"
+              + ("; times: medians of 3 runs on random inputs, this machine" if args.time else "") + "\n")
+        print(explain_routes.format_route_table(rows))
     else:
         print(explain.size_report(args.size, args.kernel, args.stride, args.padding, args.dilation))
     return 0
