@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import gflops, import_torch, interleaved, machine_line, peak_rss_mb, print_table, sgemm_gflops  # noqa: E402
 
 from minifcn.backend import gpu_available, to_device  # noqa: E402
-from minifcn.layers.im2col import release_workspaces  # noqa: E402
+from minifcn.layers.columns import release_workspaces  # noqa: E402
 from minifcn.layers import SoftmaxCrossEntropy  # noqa: E402
 from minifcn.models import FCN8s  # noqa: E402
 from minifcn.models.trace import fcn_flops  # noqa: E402

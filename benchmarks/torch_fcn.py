@@ -11,77 +11,73 @@ import torch
 from torch import nn
 
 from minifcn.backend import to_numpy
-from minifcn.models import FCN8s, FCN16s, FCN32s
 
 
 class TorchFCN(nn.Module):
-    """FCN-32s / 16s / 8s (and at-once) built from a minifcn model's layer list."""
+    """FCN-32s / 16s / 8s (and at-once) in PyTorch, built from a minifcn model's declared wiring.
+
+    One PyTorch module per minifcn layer, under the same name (so parameter
+    names match), and ``forward`` runs ``model.wiring()``: the blobs and their
+    inputs are read from the minifcn model, never retyped here.
+    """
 
     def __init__(self, model):
         super().__init__()
-        self.kind = "8s" if isinstance(model, FCN8s) else "16s" if isinstance(model, FCN16s) else "32s"
-        self.scales = getattr(model, "pool_scales", None)
-        self.stages = nn.ModuleList()
-        for names in model.stages:
-            layers = []
-            for name in names:
-                layer = getattr(model, name)
-                kind = type(layer).__name__
-                if kind == "Conv2d":
-                    layers.append(self._conv(layer))
-                elif kind == "ReLU":
-                    layers.append(nn.ReLU(inplace=True))
-                elif kind == "MaxPool2d":
-                    layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-                elif kind == "Dropout":
-                    layers.append(nn.Dropout(layer.p))
-            self.stages.append(nn.Sequential(*layers))
-        self.score_fr = self._conv(model.score_fr)
-        if self.kind == "32s":
-            self.upscore = self._deconv(model.upscore)
-        else:
-            self.upscore2 = self._deconv(model.upscore2)
-            self.score_pool4 = self._conv(model.score_pool4)
-        if self.kind == "16s":
-            self.upscore16 = self._deconv(model.upscore16)
-        if self.kind == "8s":
-            self.upscore_pool4 = self._deconv(model.upscore_pool4)
-            self.score_pool3 = self._conv(model.score_pool3)
-            self.upscore8 = self._deconv(model.upscore8)
+        self.wiring = model.wiring()
+        self.crops = {}    # Crop name -> offset
+        self.scales = {}   # Scale name -> factor
+        self.layers = nn.ModuleDict()
+        for name, *_ in self.wiring:
+            layer = getattr(model, name)
+            kind = type(layer).__name__
+            if kind == "Crop":
+                self.crops[name] = layer.offset
+            elif kind == "Scale":
+                self.scales[name] = layer.factor
+            elif kind != "Add":
+                self.layers[name] = self._twin(layer, kind)
+
+    @classmethod
+    def _twin(cls, layer, kind):
+        if kind == "Conv2d":
+            return cls._copy(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                       layer.padding, layer.dilation, bias=layer.bias is not None), layer)
+        if kind == "ConvTranspose2d":
+            return cls._copy(nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                                layer.padding, layer.output_padding, dilation=layer.dilation,
+                                                bias=layer.bias is not None), layer)
+        if kind == "ReLU":
+            return nn.ReLU(inplace=True)
+        if kind == "MaxPool2d":
+            return nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                                ceil_mode=layer.ceil_mode)
+        if kind == "Dropout":
+            return nn.Dropout(layer.p)
+        raise TypeError(f"TorchFCN: no PyTorch twin for {kind}")
 
     @staticmethod
-    def _conv(layer):
-        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding)
+    def _copy(module, layer):
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(to_numpy(layer.weight.data)))
-            conv.bias.copy_(torch.from_numpy(to_numpy(layer.bias.data)))
-        return conv
-
-    @staticmethod
-    def _deconv(layer):
-        deconv = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, bias=False)
-        with torch.no_grad():
-            deconv.weight.copy_(torch.from_numpy(to_numpy(layer.weight.data)))
-        deconv.weight.requires_grad_(layer.weight.trainable)
-        return deconv
+            module.weight.copy_(torch.from_numpy(to_numpy(layer.weight.data)))
+            if layer.bias is not None:
+                module.bias.copy_(torch.from_numpy(to_numpy(layer.bias.data)))
+        module.weight.requires_grad_(layer.weight.trainable)
+        return module
 
     def forward(self, x):
-        h, w = x.shape[2:]
-        pool3 = self.stages[2](self.stages[1](self.stages[0](x)))
-        pool4 = self.stages[3](pool3)
-        score_fr = self.score_fr(self.stages[4](pool4))
-        if self.kind == "32s":
-            return self.upscore(score_fr)[:, :, 19:19 + h, 19:19 + w]
-        up2 = self.upscore2(score_fr)
-        p4 = pool4 * self.scales[0] if self.scales else pool4
-        sp4 = self.score_pool4(p4)[:, :, 5:5 + up2.shape[2], 5:5 + up2.shape[3]]
-        fuse4 = up2 + sp4
-        if self.kind == "16s":
-            return self.upscore16(fuse4)[:, :, 27:27 + h, 27:27 + w]
-        up4 = self.upscore_pool4(fuse4)
-        p3 = pool3 * self.scales[1] if self.scales else pool3
-        sp3 = self.score_pool3(p3)[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
-        return self.upscore8(up4 + sp3)[:, :, 31:31 + h, 31:31 + w]
+        blobs = {"data": x}
+        for name, *inputs in self.wiring:
+            src = blobs[inputs[0]]
+            if name in self.crops:
+                (oy, ox), (h, w) = self.crops[name], blobs[inputs[1]].shape[2:]
+                blobs[name] = src[:, :, oy:oy + h, ox:ox + w]
+            elif name in self.scales:
+                blobs[name] = src * self.scales[name]
+            elif len(inputs) == 2:  # Add
+                blobs[name] = src + blobs[inputs[1]]
+            else:
+                blobs[name] = self.layers[name](src)
+        return blobs["score"]
 
 
 def torch_sgd(model, lr=1e-3, momentum=0.9, weight_decay=5e-4):
@@ -97,4 +93,4 @@ def max_relative_difference(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-__all__ = ["FCN8s", "FCN16s", "FCN32s", "TorchFCN", "max_relative_difference", "torch_sgd"]
+__all__ = ["TorchFCN", "max_relative_difference", "torch_sgd"]

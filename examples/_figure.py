@@ -115,11 +115,37 @@ def line_plot(series, size=(220, 160), title="", ylim=None, labels=None) -> Imag
     return image
 
 
+def wrap(text, width, size=13) -> str:
+    """``text`` with its lines broken at spaces so that each fits in ``width`` pixels at font ``size``
+    (a single word wider than that stays on its own line)."""
+    f = font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    out = []
+    for line in text.split("\n"):
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}" if current else word
+            if current and probe.textlength(trial, font=f) > width:
+                out.append(current)
+                current = word
+            else:
+                current = trial
+        out.append(current)
+    return "\n".join(out)
+
+
 def compose(rows, titles=None, row_titles=None, pad=10, title_h=30, caption=None, row_title_w=0) -> Image.Image:
-    """Lay out a grid of PIL images (``rows``: lists; None leaves a gap) with titles above each tile."""
+    """Lay out a grid of PIL images (``rows``: lists; None leaves a gap) with titles above each tile.
+
+    A title wider than its column is wrapped onto more lines (:func:`wrap`), and the title band grows
+    to hold them, so neighbouring titles never overlap.
+    """
     f = font(13)
     ncol = max(len(r) for r in rows)
     col_w = [max((r[c].width for r in rows if c < len(r) and r[c] is not None), default=0) for c in range(ncol)]
+    if titles:
+        titles = [[wrap(t, col_w[c] + pad - 2) if t else t for c, t in enumerate(r)] for r in titles]
+        title_h = max([title_h] + [15 * (t.count("\n") + 1) + 4 for r in titles for t in r if t])
     row_h = [max((t.height for t in r if t is not None), default=0) for r in rows]
     width = row_title_w + pad + sum(w + pad for w in col_w)
     cap_h = 0

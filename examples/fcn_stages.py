@@ -64,7 +64,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few seconds of training (for tests)")
     parser.add_argument("--out", default="runs/examples", help="folder for fcn_stages.png")
     parser.add_argument("--checkpoint", default=None, help="a trained FCN-8s (best.npz of a run); skips training")
-    parser.add_argument("--run-dir", default="runs/fcn_stages", help="where the training run is written")
+    parser.add_argument("--run-dir", default=None,
+                        help="where the training run is written (default: runs/examples/fcn_stages-run, "
+                             "with --quick ...-quick)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=320)
     parser.add_argument("--lr", type=float, default=0.03)
@@ -73,6 +75,8 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=2, help="held-out images in the figure")
     parser.add_argument("--eval-images", type=int, default=32, help="held-out images for the accuracies")
     args = parser.parse_args(argv)
+    if args.run_dir is None:
+        args.run_dir = "runs/examples/fcn_stages-run" + ("-quick" if args.quick else "")
 
     path = args.checkpoint or train_model(args)
     model, meta = load_model(path)

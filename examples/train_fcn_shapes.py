@@ -4,7 +4,10 @@ Everything is in the TrainConfig; train() validates the data, runs SGD, and
 after every epoch writes into --out: metrics.jsonl, checkpoint.npz, best.npz,
 loss.png (loss and mean IU curves) and predictions.png (image | ground truth |
 prediction | overlay on held-out images). The same run from the command line is
-`minifcn train --model fcn8s --width 0.125 --out runs/shapes-fcn8s`.
+`minifcn train --out runs/examples/train_fcn_shapes`. Like every example it
+writes only under runs/examples/ (by default runs/examples/train_fcn_shapes,
+and runs/examples/train_fcn_shapes-quick for --quick), never into the run
+folder of the README's main command.
 
     python examples/train_fcn_shapes.py [--quick] [--out DIR] [--model fcn8s] [--epochs N]
 """
@@ -28,13 +31,16 @@ from minifcn.train import TrainConfig, load_model, train  # noqa: E402
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short epoch on a few small images (for tests)")
-    parser.add_argument("--out", default="runs/shapes-fcn8s", help="run folder")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default: runs/examples/train_fcn_shapes, with --quick ...-quick)")
     parser.add_argument("--model", default="fcn8s", help="fcn32s, fcn16s, fcn8s, fcn8s-atonce or encoder-decoder")
     parser.add_argument("--width", type=float, default=0.125, help="channel multiplier (1.0 = the paper's VGG16)")
     parser.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's (quick: 1)")
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--device", default="cpu", help="cpu or gpu")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = "runs/examples/train_fcn_shapes" + ("-quick" if args.quick else "")
 
     d = TrainConfig()
     cfg = TrainConfig(model=args.model, width=args.width, out=args.out, device=args.device,

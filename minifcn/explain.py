@@ -14,7 +14,8 @@ implementation cannot drift apart.
   formulas and why transposed convolution needs ``output_padding``.
 
 Run them from the command line: ``minifcn explain conv-matrix``, ``minifcn explain fcn``,
-``minifcn explain sizes``.
+``minifcn explain sizes``; ``minifcn explain routes`` (:mod:`minifcn.explain_routes`) says
+which route, textbook or fast, every layer and pass of an FCN runs, and why.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from fractions import Fraction
 
 import numpy as np
 
-from .layers import Conv2d, ConvTranspose2d, Crop, Dropout, MaxPool2d, ReLU, Scale
+from .layers import Add, Conv2d, ConvTranspose2d, Crop, Dropout, MaxPool2d, ReLU, Scale
 from .layers.conv import conv2d_forward
-from .layers.im2col import conv_output_size, conv_transpose_output_size
+from .layers.columns import conv_output_size, conv_transpose_output_size
 from .layers._checks import pair
 
 # --------------------------------------------------------------------------- the convolution matrix
@@ -188,35 +189,6 @@ def _compose(parent, child):
     return A * a, A * b + B
 
 
-def _fcn_inputs(model):
-    """Blob name -> name of the blob it is computed from (first input), following fcn.py's wiring."""
-    from .models.fcn import FCN16s, FCN32s  # noqa: PLC0415
-
-    names = [n for stage in model.stages for n in stage]
-    src = {n: p for p, n in zip(["data"] + names, names)}
-    src["score_fr"] = names[-1]
-    scaled = bool(getattr(model, "pool_scales", None))
-    if isinstance(model, FCN32s):
-        src.update(upscore="score_fr", score="upscore")
-        return src
-    src.update(upscore2="score_fr", score_pool4="scale_pool4" if scaled else "pool4", score_pool4c="score_pool4",
-               fuse_pool4="upscore2")
-    if scaled:
-        src["scale_pool4"] = "pool4"
-    if isinstance(model, FCN16s):
-        src.update(upscore16="fuse_pool4", score="upscore16")
-        return src
-    src.update(upscore_pool4="fuse_pool4", score_pool3="scale_pool3" if scaled else "pool3",
-               score_pool3c="score_pool3", fuse_pool3="upscore_pool4", upscore8="fuse_pool3", score="upscore8")
-    if scaled:
-        src["scale_pool3"] = "pool3"
-    return src
-
-
-_CROP_REFERENCE = {"score": "data", "score_pool4c": "upscore2", "score_pool3c": "upscore_pool4"}
-_FUSE_OTHER = {"fuse_pool4": "score_pool4c", "fuse_pool3": "score_pool3c"}
-
-
 def _map_text(ab) -> str:
     a, b = ab
     return ("u" if a == 1 else f"{_num(a)} u") + ("" if b == 0 else f" {'+' if b > 0 else '-'} {_num(abs(b))}")
@@ -232,31 +204,19 @@ def coordinate_maps(model, check: bool = True):
     ``score`` the identity map ``(1, 0)``. With ``check`` (default) a fusion of
     misaligned blobs raises ValueError; without, the fusion takes its first input's map.
     """
-    src = _fcn_inputs(model)
     maps = {"data": (Fraction(1), Fraction(0))}
-    pending = list(src)  # backbone in order, then the head
-    while pending:  # a fusion waits until both of its inputs are mapped
-        progress = False
-        for name in list(pending):
-            parent = src[name]
-            if parent not in maps or name in _FUSE_OTHER and _FUSE_OTHER[name] not in maps:
-                continue
-            layer = getattr(model, name)
-            if isinstance(layer, Crop):
-                oy = layer.offset[0]
-                maps[name] = _compose(maps[parent], (Fraction(1), Fraction(oy)))
-            elif name in _FUSE_OTHER:
-                other = _FUSE_OTHER[name]
-                if check and maps[parent] != maps[other]:
-                    raise ValueError(f"{name} adds misaligned blobs: unit u of {parent} sits on input row "
-                                     f"{_map_text(maps[parent])}, unit u of {other} on {_map_text(maps[other])}")
-                maps[name] = maps[parent]
-            else:
-                maps[name] = _compose(maps[parent], _affine_of(layer))
-            pending.remove(name)
-            progress = True
-        if not progress:
-            raise RuntimeError(f"coordinate_maps: cannot resolve {pending}")
+    for name, *inputs in model.wiring():  # forward order: every input is mapped before it is used
+        layer, parent = getattr(model, name), maps[inputs[0]]
+        if isinstance(layer, Crop):
+            maps[name] = _compose(parent, (Fraction(1), Fraction(layer.offset[0])))
+        elif isinstance(layer, Add):
+            other = inputs[1]
+            if check and parent != maps[other]:
+                raise ValueError(f"{name} adds misaligned blobs: unit u of {inputs[0]} sits on input row "
+                                 f"{_map_text(parent)}, unit u of {other} on {_map_text(maps[other])}")
+            maps[name] = parent
+        else:
+            maps[name] = _compose(parent, _affine_of(layer))
     return maps
 
 
@@ -268,13 +228,10 @@ def derived_crop_offsets(model):
     ``a_src (u + o) + b_src = a_ref u + b_ref``, hence ``a_src == a_ref`` and
     ``o = (b_ref - b_src) / a_src``. (Caffe's ``coord_map.crop`` computes the same.)
     """
-    src = _fcn_inputs(model)
     maps = coordinate_maps(model, check=False)
     out = {}
-    for crop, ref in _CROP_REFERENCE.items():
-        if crop not in src or (ref not in maps):
-            continue
-        (a_s, b_s), (a_r, b_r) = maps[src[crop]], maps[ref]
+    for crop, source, ref in (b for b in model.wiring() if isinstance(getattr(model, b[0]), Crop)):
+        (a_s, b_s), (a_r, b_r) = maps[source], maps[ref]
         if a_s != a_r:
             raise ValueError(f"{crop}: scales differ ({a_s} vs {a_r}); no crop can align them")
         o = (b_r - b_s) / a_s
@@ -448,7 +405,8 @@ def fcn8s_streams(model, x):
                + crop31(upscore8(upscore_pool4(score_pool4c)))             B: stride 16
                + crop31(upscore8(score_pool3c))                            C: stride 8
 
-    Runs the model's own layers one by one, as its ``forward`` does.
+    Each stream is the model's own wiring run with the other skip terms set
+    to zero (only the head is run again).
 
     Inputs: x (N, 3, H, W) in the model's dtype (call ``model.eval()`` first).
     Returns: ``(A, B, C, output)``, each (N, K, H, W); ``output`` equals ``model(x)``
@@ -459,21 +417,12 @@ def fcn8s_streams(model, x):
     if not isinstance(model, FCN8s):
         raise TypeError(f"fcn8s_streams: needs an FCN-8s, got {type(model).__name__}")
     model.check_input(x)
-    pool3 = model.run([1, 2, 3], x)
-    pool4 = model.run([4], pool3)
-    upscore2 = model.upscore2(model.score_fr(model.run([5], pool4)))
-    score_pool4c = model.score_pool4c(model.score_pool4(model._scaled("scale_pool4", pool4)), upscore2)
-    upscore_pool4 = model.upscore_pool4(model.fuse_pool4(upscore2, score_pool4c))
-    score_pool3c = model.score_pool3c(model.score_pool3(model._scaled("scale_pool3", pool3)), upscore_pool4)
-    output = model.score(model.upscore8(model.fuse_pool3(upscore_pool4, score_pool3c)), x)
-
-    def to_output(t):  # the rest of the path to the output: upscore8 and the crop at 31
-        return model.score(model.upscore8(t), x)
-
-    a = to_output(model.upscore_pool4(upscore2))
-    b = to_output(model.upscore_pool4(score_pool4c))
-    c = to_output(score_pool3c)
-    return a, b, c, output
+    blobs = model.forward_blobs(x)
+    streams = [model.forward_blobs(x, zero=zero, given=blobs)["score"] for zero in (
+        ("score_pool4c", "score_pool3c"),   # A: upscore2 alone reaches fuse_pool4 and fuse_pool3
+        ("upscore2", "score_pool3c"),       # B: score_pool4c alone
+        ("upscore_pool4",))]                # C: score_pool3c alone
+    return (*streams, blobs["score"])
 
 
 def fcn8s_stage_scores(model, x):

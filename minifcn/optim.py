@@ -10,10 +10,11 @@ Update of one parameter ``w`` with gradient ``g`` (PyTorch's form)::
 Loss normalisation and learning rate go together. With ``reduction='sum'``
 (the FCN reference: the loss is summed over every pixel of a whole image) the
 gradient is about (number of pixels) times larger than with ``'mean'``, so
-the reference's learning rate is 1e-10 (FCN-32s) where a per-pixel mean loss
-uses about 1e-4 to 1e-2. A mean-loss learning rate with a summed loss
-diverges (NaN); a sum-loss learning rate with a mean loss does not learn.
-:func:`suggest_lr` states the correspondence.
+the reference's learning rate is 1e-10 (FCN-32s, about 250,000 pixels per
+500 x 500 image), which is a per-pixel mean-loss rate of about 2.5e-5 (for
+fine-tuning from ImageNet weights, with momentum 0.99). A mean-loss learning
+rate with a summed loss diverges (NaN); a sum-loss learning rate with a mean
+loss does not learn. :func:`suggest_lr` converts either way.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from .backend import elementwise_kernel, get_array_module
 from .module import Module, Parameter
+from .routes import register, run, select
 
 _CHUNK = 1 << 20  # elements updated at a time: keeps the scratch buffer small and cache-friendly
 
@@ -52,18 +54,92 @@ def fused_update(w, g, v, lr: float, wd: float, mu: float, nesterov: bool) -> No
     kernel(g, t(lr), t(wd), t(mu), bool(nesterov), w, v)
 
 
-# The one place a route is chosen: array modules with a fused kernel use it; NumPy takes the
-# chunked loop in SGD.step. SGD.route(parameter) says which one a parameter gets.
+# Array modules with a fused kernel: the route "fused" applies to their parameters.
 FUSED_UPDATES = {"cupy": fused_update}
 
 
-def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float = 1e-2) -> float:
-    """The learning rate that gives the same step for a 'sum' loss as ``mean_lr`` for a 'mean' loss."""
-    if reduction == "mean":
-        return mean_lr
-    if reduction == "sum":
-        return mean_lr / max(1, int(pixels_per_batch))
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+def suggest_lr(reduction: str, pixels_per_batch: int, mean_lr: float | None = None,
+               sum_lr: float | None = None) -> float:
+    """The learning rate for a loss with ``reduction`` that takes the same steps as a given one.
+
+    Give the rate you know as ``mean_lr`` (for a per-pixel mean loss) or as
+    ``sum_lr`` (for a loss summed over the pixels, as in the FCN reference);
+    with neither, ``mean_lr=1e-2``. A summed loss's gradient is the mean
+    loss's times the number of (labelled) pixels per batch, so
+    ``sum_lr = mean_lr / pixels_per_batch``. Examples: the reference's 1e-10
+    on 500 x 500 images, ``suggest_lr('mean', 250_000, sum_lr=1e-10)``, is a
+    mean-loss rate of 2.5e-5; ``suggest_lr('sum', 128 * 128, mean_lr=0.01)``
+    is 6.1e-7.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mean_lr is not None and sum_lr is not None:
+        raise ValueError(f"give mean_lr or sum_lr, not both (got {mean_lr} and {sum_lr})")
+    pixels = int(pixels_per_batch)
+    if pixels < 1:
+        raise ValueError(f"pixels_per_batch must be >= 1, got {pixels_per_batch}")
+    if sum_lr is not None:
+        mean_lr = sum_lr * pixels
+    elif mean_lr is None:
+        mean_lr = 1e-2
+    return mean_lr if reduction == "mean" else mean_lr / pixels
+
+
+UPDATE = "sgd_update"
+
+
+@register(UPDATE, "textbook", textbook=True, reason="the update formula on whole parameters (temporaries as large)")
+def sgd_update(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """The update of the module docstring on flat arrays w, g, v (v and w in place; no v without momentum)."""
+    g = g + weight_decay * w
+    if momentum:
+        v *= momentum
+        v += g
+        g = g + momentum * v if nesterov else v
+    w -= lr * g
+
+
+def _facts(w):
+    """What the SGD routes' rules read: the parameter's size and array module."""
+    return w.size, get_array_module(w).__name__
+
+
+@register(UPDATE, "fused", applies=lambda size, module: module in FUSED_UPDATES,
+          reason="one element-wise kernel per parameter (CuPy), the same operations in the same order")
+def sgd_update_fused(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """:func:`sgd_update` as the array module's fused kernel (:data:`FUSED_UPDATES`)."""
+    FUSED_UPDATES[get_array_module(w).__name__](w, g, v, lr, weight_decay, momentum, nesterov)
+
+
+@register(UPDATE, "chunked", reason="in place, 2^20 elements at a time through one reused scratch buffer")
+def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
+    """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer)."""
+    xp, mu, wd = get_array_module(w), momentum, weight_decay
+    buf = scratch() if scratch is not None else xp.empty(min(w.size, _CHUNK) or 1, dtype=w.dtype)
+    for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
+        sl = slice(start, start + buf.size)
+        wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
+        if wd:
+            xp.multiply(wc, wd, out=b)    # b = g + wd * w
+            b += gc
+            g_eff = b
+        else:
+            g_eff = gc                    # no decay: use the gradient itself, no copy
+        if mu:
+            vc *= mu                      # v = mu * v + g
+            vc += g_eff
+            if nesterov:                  # step = lr * (g + mu * v)
+                if g_eff is b:
+                    b += mu * vc              # (a chunk-sized temporary)
+                else:
+                    xp.multiply(vc, mu, out=b)
+                    b += g_eff
+                b *= lr
+            else:
+                xp.multiply(vc, lr, out=b)  # step = lr * v, one pass
+        else:
+            xp.multiply(g_eff, lr, out=b)
+        wc -= b
 
 
 class SGD:
@@ -75,10 +151,12 @@ class SGD:
         lr: base learning rate; each parameter uses ``lr * p.lr_mult``.
         momentum, weight_decay (times ``p.decay_mult``), nesterov.
 
-    ``step()`` updates in place. NumPy parameters go in chunks of 2^20
-    elements through one scratch buffer, so no temporary as large as a
-    parameter is made; CuPy parameters in one fused kernel each
-    (:func:`fused_update`, the same formula). ``SGD.route(p)`` names the route.
+    ``step()`` updates each parameter in place by the route
+    :func:`minifcn.routes.select` picks: ``fused`` (CuPy: one kernel per
+    parameter, :func:`fused_update`), ``chunked`` (NumPy: 2^20 elements at a
+    time through one scratch buffer, no temporary as large as a parameter) or,
+    under ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on
+    whole arrays. ``SGD.route(p)`` names the route of ``p``.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
@@ -119,45 +197,14 @@ class SGD:
 
     @staticmethod
     def route(p: Parameter) -> str:
-        """'fused' (one kernel per parameter, CuPy) or 'chunked' (NumPy): how ``step`` updates ``p``."""
-        return "fused" if get_array_module(p.data).__name__ in FUSED_UPDATES else "chunked"
+        """'fused' (CuPy), 'chunked' (NumPy) or 'textbook' (in textbook mode): how ``step`` updates ``p``."""
+        return select(UPDATE, *_facts(p.data)).name
 
     def step(self) -> None:
-        mu = self.momentum
         for name, p in self.named_params:
-            xp = get_array_module(p.data)
             w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
-            lr = self.lr * p.lr_mult
-            wd = self.weight_decay * p.decay_mult
-            fused = FUSED_UPDATES.get(xp.__name__)
-            if fused is not None:
-                fused(w, g, v, lr, wd, mu, self.nesterov)
-                continue
-            buf = self._buffer(xp, w.dtype, w.size)
-            for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
-                sl = slice(start, start + buf.size)
-                wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
-                if wd:
-                    xp.multiply(wc, wd, out=b)    # b = g + wd * w
-                    b += gc
-                    g_eff = b
-                else:
-                    g_eff = gc                    # no decay: use the gradient itself, no copy
-                if mu:
-                    vc *= mu                      # v = mu * v + g
-                    vc += g_eff
-                    if self.nesterov:                 # step = lr * (g + mu * v)
-                        if g_eff is b:
-                            b += mu * vc                  # (a chunk-sized temporary)
-                        else:
-                            xp.multiply(vc, mu, out=b)
-                            b += g_eff
-                        b *= lr
-                    else:
-                        xp.multiply(vc, lr, out=b)  # step = lr * v, one pass
-                else:
-                    xp.multiply(g_eff, lr, out=b)
-                wc -= b
+            args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
+            run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""

@@ -1,13 +1,12 @@
 """Every CPU core at work: a small thread pool for convolution bands and element-wise pieces.
 
-A convolution with few channels runs band by band (:mod:`minifcn.layers.im2col`):
-unfold a few output rows of every image into columns that stay in cache,
-multiply, move on. Each band is one small product per image (16 x 144 by
-144 x 786 for the 16-channel 3x3 layers of the small benchmark model), and
-OpenBLAS shares such products between cores badly: on the 2-core benchmark
-machine a run of them went at 56 to 65 GFLOP/s on two BLAS threads, and at 83 to 94
-when two Python threads each ran half of them on one BLAS thread
-(``benchmarks/RESULTS.md``). So on the CPU the bands are handed out to threads,
+The fast convolution routes (:mod:`minifcn.layers.conv_fast`) run band by band
+(:mod:`minifcn.layers.columns`): unfold a few output rows of every image into
+columns that stay in cache, multiply, move on. Each band is one small product
+per image (16 x 144 by 144 x 786 for the 16-channel 3x3 layers of the small
+benchmark model), and OpenBLAS shares such products between cores badly: two
+Python threads each running half of them on one BLAS thread beat two BLAS
+threads (measured: ``benchmarks/RESULTS.md``). So on the CPU the bands are handed out to threads,
 band ``b`` to worker ``b % workers``, while BLAS is held at one thread per call.
 NumPy releases the GIL inside its copies and matrix products, so the workers
 run at the same time; the calling thread is worker 0.
@@ -159,7 +158,7 @@ def run_bands(bands, work, workers: int) -> None:
     """Call ``work(worker, r0, r1)`` for every ``(r0, r1)`` in ``bands``.
 
     Band ``b`` runs on worker ``b % workers`` (so each worker can keep its own
-    scratch buffers and partial sums, indexed by ``worker``). With one worker
+    partial sums, indexed by ``worker``; scratch buffers are per thread). With one worker
     the calls are made here, in order; with more, they run on the pool with
     BLAS held at one thread, and the first exception is re-raised here.
     """

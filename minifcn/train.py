@@ -5,10 +5,12 @@ first step, trains with SGD, and after each epoch evaluates on the held-out
 split and writes into ``config.out``:
 
 * ``metrics.jsonl``: one JSON line per epoch (epoch, train_loss, pixel_acc,
-  mean_acc, mean_iu, fwiu, per_class_iu, lr, seconds);
+  mean_acc, mean_iu, fwiu, per_class_iu, lr, seconds, step_loss); the scores
+  are of the held-out split, train_loss the mean and step_loss the list of the
+  epoch's per-step training losses;
 * ``checkpoint.npz`` (latest) and ``best.npz`` (best mean IU), written atomically;
-* ``loss.png`` (loss and mean IU curves) and ``predictions.png`` (images,
-  ground truth, predictions).
+* ``loss.png`` (the per-step training loss, smoothed, beside the held-out
+  scores per epoch) and ``predictions.png`` (images, ground truth, predictions).
 
 Nothing is lost and nothing is silently wrong:
 
@@ -50,9 +52,9 @@ from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, v
 from .distributed import global_loss, world
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
-from .models import build_model, load_vgg16_npz
+from .models import build_model, load_vgg16_npz, transfer_state
 from .optim import SGD, make_schedule
-from .viz import plot_curves, prediction_grid
+from .viz import plot_training, prediction_grid
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,7 +88,7 @@ class TrainConfig:
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
     epochs: int = 5
-    batch_size: int = 1            # twice the updates of batch 2 for the same work: mean IU 0.909 against 0.897 after 7 epochs (README)
+    batch_size: int = 1            # twice the updates of batch 2 for the same work: mean IU 0.909 against 0.897 after 7 epochs (benchmarks/RESULTS.md)
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -105,6 +107,7 @@ class TrainConfig:
     class_weight: str = "none"     # loss weight per class: none, balanced or sqrt-balanced (see class_weights)
     bgr: bool = False
     vgg_weights: str | None = None
+    init_from: str | None = None   # a checkpoint whose parameters of the same name and shape start this model (staged training)
     device: str = "cpu"
     dtype: str = "float32"         # or float64 (as exact as the gradient checks; the distributed equivalence test)
     seed: int = 0
@@ -307,6 +310,44 @@ def load_model(path, device: str = "cpu"):
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit a {cfg.model} "
                               f"(width {cfg.width}): {exc}") from None
     return model.to(check_device(device)), meta
+
+
+def init_from_checkpoint(model, path):
+    """Copy into ``model`` every parameter of the checkpoint at ``path`` whose name and shape match.
+
+    This is the reference's staged training (FCN-32s -> FCN-16s -> FCN-8s):
+    a finer model starts from the coarser one's backbone and score_fr, and its
+    new layers (score_pool4, upscore2, ...) keep their initialisation (zero
+    score layers, bilinear upsampling), so it begins by predicting what the
+    coarser model predicted. Returns ``(copied, new, mismatched)`` name lists:
+    copied from the checkpoint, kept as initialised (absent from it), and kept
+    as initialised because the checkpoint's shape differs (e.g. another number
+    of classes). Raises CheckpointError if nothing can be copied. The file is
+    read by :func:`minifcn.checkpoint.load_checkpoint` (never unpickled).
+    """
+    arrays, _ = load_checkpoint(path)
+    saved = split_prefix(arrays, "model")
+    copied, new, mismatched = transfer_state(saved, model)  # copies nothing when nothing matches
+    if not copied:
+        own = dict(model.named_parameters())
+        shapes = "; ".join(f"{k}: {tuple(saved[k].shape)} here {tuple(own[k].shape)}" for k in mismatched[:3])
+        raise CheckpointError(f"--init-from {os.fspath(path)!r} shares no parameter of the same name and shape "
+                              f"with this {type(model).__name__} ({len(saved)} arrays in the checkpoint"
+                              + (f", shapes differ: {shapes}" if shapes else ", no name in common") + ")")
+    return copied, new, mismatched
+
+
+def _layers(names, model):
+    """Parameter names -> 'conv1_1, score_fr.bias': a layer's name where all its parameters are listed."""
+    names, out = set(names), {}
+    for name, _ in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        out.setdefault(layer, []).append(name)
+    parts = []
+    for layer, params in out.items():
+        listed = [p for p in params if p in names]
+        parts += [layer] if len(listed) == len(params) else listed
+    return ", ".join(parts)
 
 
 def dataset_for_checkpoint(meta, dataset=None, data_dir=None, split="val", checkpoint="the checkpoint"):
@@ -513,6 +554,11 @@ def _train(cfg: TrainConfig, device, log, comm):
     model = build_from_config(cfg, num_classes)
     if cfg.vgg_weights:
         load_vgg16_npz(model, cfg.vgg_weights)
+    if cfg.init_from and not cfg.resume:  # a resumed run continues from its own checkpoint
+        copied, new, mismatched = init_from_checkpoint(model, cfg.init_from)
+        log(f"init from {cfg.init_from}: copied {len(copied)} parameters ({_layers(copied, model)}); "
+            f"new {len(new)} ({_layers(new, model) or 'none'})"
+            + (f"; {len(mismatched)} not copied, shape differs: {_layers(mismatched, model)}" if mismatched else ""))
     model.to(device)
     comm.check_same(launch_description(cfg, train_set, val_set, pixel_counts, model))
     model.input_grad = False  # the images need no gradient: conv1_1 skips its largest product
@@ -541,7 +587,8 @@ def _train(cfg: TrainConfig, device, log, comm):
             history, start_epoch = _resume(ckpt, cfg, model, optimizer, num_classes)
             # metrics.jsonl as the checkpoint has it (written with it; rewritten in case an older run left more)
             atomic_write_all([(paths["metrics"], _metrics_writer(history), ".tmp")])
-            log(f"resuming from {ckpt} at epoch {start_epoch + 1}")
+            log(f"resuming from {ckpt} at epoch {start_epoch + 1}"
+                + (" (--init-from applies to a fresh start only)" if cfg.init_from else ""))
         elif cfg.overwrite:
             _remove_run_files(cfg.out, log)
     # Every rank starts from rank 0's parameters, momentum and place in the schedule.
@@ -593,13 +640,13 @@ def _train(cfg: TrainConfig, device, log, comm):
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "pixel_acc": scores["pixel_acc"], "mean_acc": scores["mean_acc"], "mean_iu": scores["mean_iu"],
                "fwiu": scores["fwiu"], "per_class_iu": scores["per_class_iu"], "lr": optimizer.lr,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "step_loss": [float(f"{v:.5g}") for v in losses]}
         history.append(row)
         improved = scores["mean_iu"] > best
         best = max(best, scores["mean_iu"]) if improved else best
         if comm.rank == 0:
             _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved)
-            plot_curves(history, os.path.join(cfg.out, "loss.png"))
+            plot_training(history, os.path.join(cfg.out, "loss.png"))
             write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
                               cfg.num_preview, device)
         comm.barrier()  # the epoch's files are whole on disk before any rank goes on (and may fail)

@@ -196,8 +196,9 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v)
 
 
-def _panel(draw, box, series, title, xlabel, font, small):
-    """Draw one line chart in ``box`` = (x0, y0, x1, y1): ``series`` is [(name, [(x, y), ...]), ...]."""
+def _panel(draw, box, series, title, xlabel, font, small, colours=_LINE_COLOURS):
+    """Draw one line chart in ``box`` = (x0, y0, x1, y1): ``series`` is [(name, [(x, y), ...]), ...],
+    drawn in ``colours`` (one per series, in order; a series named '' gets no legend entry)."""
     bx0, by0, bx1, by1 = box
     left, right, top, bottom = bx0 + 58, bx1 - 14, by0 + 46, by1 - 38
     tw = draw.textlength(title, font=font)
@@ -233,10 +234,13 @@ def _panel(draw, box, series, title, xlabel, font, small):
 
     lx = right
     for k, (name, pts) in reversed(list(enumerate(series))):  # legend, right-aligned above the plot
-        colour = _LINE_COLOURS[k % len(_LINE_COLOURS)]
-        lx -= draw.textlength(name, font=small) + 28
-        draw.line([lx, top - 11, lx + 18, top - 11], fill=colour, width=3)
-        draw.text((lx + 22, top - 18), name, fill=(0, 0, 0), font=small)
+        colour = colours[k % len(colours)]
+        if name:
+            lx -= draw.textlength(name, font=small) + 28
+            draw.line([lx, top - 11, lx + 18, top - 11], fill=colour, width=3)
+            draw.text((lx + 22, top - 18), name, fill=(0, 0, 0), font=small)
+    for k, (name, pts) in enumerate(series):  # lines in order: a later series is drawn over an earlier one
+        colour = colours[k % len(colours)]
         xy = [to_px(x, y) for x, y in pts]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
@@ -266,4 +270,46 @@ def plot_curves(history, path, keys=(("train_loss",), ("mean_iu", "pixel_acc")),
             series.append((_PRETTY.get(key, key), pts))
         title = ", ".join(name for name, _ in series)
         _panel(draw, (p * pw, 0, (p + 1) * pw, ph), series, title, x, font, small)
+    save_png(canvas, path)
+
+
+def smooth(values, window: int):
+    """Trailing moving average: point i is the mean of values[max(0, i - window + 1) .. i]."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return v
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(1, v.size + 1)
+    lo = np.maximum(0, i - max(1, int(window)))
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def plot_training(history, path, scores=("mean_iu", "pixel_acc")) -> None:
+    """Save loss.png: the training loss of every step (light) and smoothed (dark) against the step, beside
+    the held-out scores after each epoch.
+
+    Inputs: history: the rows of metrics.jsonl; each row's ``step_loss`` (the loss of each of that epoch's
+    steps) makes the left panel, falling back to ``train_loss`` per epoch for rows without it; ``scores``
+    the held-out keys of the right panel. The smoothing window is 1/25 of the steps (at least 1).
+    """
+    steps = [float(v) for row in history for v in (row.get("step_loss") or []) if _finite(v)]
+    font, small = _font(15), _font(12)
+    pw, ph = 460, 320
+    canvas = Image.new("RGB", (2 * pw, ph), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if steps:
+        window = max(1, len(steps) // 25)
+        raw = list(enumerate(steps, 1))
+        smoothed = list(zip(range(1, len(steps) + 1), smooth(steps, window).tolist()))
+        series = [("", raw), (f"mean of {window} steps" if window > 1 else "per step", smoothed)]
+        _panel(draw, (0, 0, pw, ph), series, "training loss per step", "step", font, small,
+               colours=((190, 205, 225), _LINE_COLOURS[0]))
+    else:
+        pts = [(float(row.get("epoch", i)), float(row["train_loss"])) for i, row in enumerate(history)
+               if _finite(row.get("train_loss"))]
+        _panel(draw, (0, 0, pw, ph), [("train loss", pts)], "training loss per epoch", "epoch", font, small)
+    series = [(_PRETTY.get(k, k), [(float(row.get("epoch", i)), float(row[k])) for i, row in enumerate(history)
+                                   if _finite(row.get(k))]) for k in scores]
+    _panel(draw, (pw, 0, 2 * pw, ph), series, "held-out split, after each epoch", "epoch", font, small,
+           colours=_LINE_COLOURS[1:])
     save_png(canvas, path)

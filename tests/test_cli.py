@@ -1,6 +1,7 @@
 """The command line (minifcn/cli.py): train, eval, predict, gradcheck, and errors."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -70,30 +71,151 @@ def test_eval_text(run, capsys):
     assert "mean IU" in text and "background" in text
 
 
-def test_predict_writes_an_overlay(run, tmp_path, capsys):
-    """Any image size (here 37 x 29): the overlay has the image's size and equals the overlay
-    of the checkpoint's prediction."""
+def _expected_prediction(out, image):
     from minifcn.data import IMAGENET_MEAN_RGB, to_tensor  # noqa: PLC0415
     from minifcn.train import TrainConfig, load_model, predict_labels  # noqa: PLC0415
-    from minifcn.viz import overlay  # noqa: PLC0415
 
-    out, _ = run
+    model, meta = load_model(out / "checkpoint.npz")
+    model.eval()
+    cfg = TrainConfig.from_dict(meta["config"])
+    return predict_labels(model, to_tensor(image, mean=IMAGENET_MEAN_RGB, scale=cfg.input_scale)[None])[0], meta
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A 29 x 37 image with a red square, saved as photo.jpg.png."""
     image = np.random.default_rng(0).integers(0, 256, (29, 37, 3), dtype=np.uint8)
     image[5:20, 5:20] = (220, 30, 30)
     path = tmp_path / "photo.jpg.png"
     Image.fromarray(image).save(path)
-    dest = tmp_path / "overlays"
+    return image, path
+
+
+def test_predict_writes_image_prediction_overlay_and_legend(run, tmp_path, photo, capsys):
+    """Any image size (here 37 x 29): three panels, image | prediction | overlay, the prediction tile is
+    the checkpoint's prediction in the label colours, and the legend shows every class's colour."""
+    from minifcn.viz import _tile_size, colorize, voc_palette  # noqa: PLC0415
+
+    out, _ = run
+    image, path = photo
+    dest = tmp_path / "predictions"
     assert main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(path), "--out", str(dest)]) == 0
-    target = dest / "photo.jpg_overlay.png"
+    target = dest / "photo.jpg_prediction.png"
     assert str(target) in capsys.readouterr().out
     with Image.open(target) as im:
         written = np.asarray(im.convert("RGB"))
-    assert written.shape == (29, 37, 3)
-    model, meta = load_model(out / "checkpoint.npz")
-    model.eval()
-    cfg = TrainConfig.from_dict(meta["config"])
-    x = to_tensor(image, mean=IMAGENET_MEAN_RGB, scale=cfg.input_scale)[None]
-    np.testing.assert_array_equal(written, overlay(image, predict_labels(model, x)[0]))
+    pred, meta = _expected_prediction(out, image)
+    h, w = _tile_size(29, 37, None)
+    pad, header = 8, 24  # prediction_grid's layout
+    assert written.shape[1] == pad + 3 * (w + pad)
+    x0 = pad + (w + pad)
+    tile = written[header:header + h, x0:x0 + w]
+    expected = np.asarray(Image.fromarray(colorize(pred)).resize((w, h), Image.NEAREST))
+    np.testing.assert_array_equal(tile, expected)
+    legend = written[header + h + pad:].reshape(-1, 3)
+    for c in range(meta["num_classes"]):  # every class's swatch, present in the prediction or not
+        assert (legend == voc_palette()[c]).all(axis=1).any(), f"no swatch of class {c} in the legend"
+
+
+def test_predict_overlay_only(run, tmp_path, photo):
+    from minifcn.viz import overlay  # noqa: PLC0415
+
+    out, _ = run
+    image, path = photo
+    dest = tmp_path / "overlays"
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(path), "--out", str(dest),
+                 "--overlay-only"]) == 0
+    assert os.listdir(dest) == ["photo.jpg_overlay.png"]
+    with Image.open(dest / "photo.jpg_overlay.png") as im:
+        written = np.asarray(im.convert("RGB"))
+    np.testing.assert_array_equal(written, overlay(image, _expected_prediction(out, image)[0]))
+
+
+def test_predict_never_overwrites_an_output_of_the_same_call(run, tmp_path, capsys):
+    """a/img.png and b/img.png (and a/img.png given twice) each get their own output."""
+    out, _ = run
+    paths = []
+    for k, folder in enumerate(("a", "b", "a")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        path = tmp_path / folder / "img.png"
+        if not path.exists():
+            Image.fromarray(np.full((20, 24, 3), 60 * k, np.uint8)).save(path)
+        paths.append(str(path))
+    dest = tmp_path / "p"
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.npz"), *paths, "--out", str(dest),
+                 "--overlay-only"]) == 0
+    assert sorted(os.listdir(dest)) == ["img-2_overlay.png", "img-3_overlay.png", "img_overlay.png"]
+    printed = capsys.readouterr().out
+    for path, name in zip(paths, ("img_overlay.png", "img-2_overlay.png", "img-3_overlay.png")):
+        assert f"{path} -> {dest / name}" in printed
+    with Image.open(dest / "img-2_overlay.png") as im:  # b/img.png's, not a copy of a's
+        assert np.asarray(im)[0, 0].tolist() == [60, 60, 60]
+
+
+def test_predict_checks_every_input_first(run, tmp_path, photo, capsys):
+    """An unreadable file and a missing one among good ones: exit 2, each bad file named, nothing written
+    (not even the output folder)."""
+    out, _ = run
+    _, good = photo
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    missing = tmp_path / "missing.png"
+    dest = tmp_path / "never"
+    code = main(["predict", "--checkpoint", str(out / "checkpoint.npz"), str(broken), str(good), str(missing),
+                 "--out", str(dest)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(broken) in err and str(missing) in err and "2 of 3 images" in err
+    assert not dest.exists()
+
+
+def _all_parsers():
+    """(name, parser) of the top level and every subcommand, explain's topics included."""
+    from minifcn.cli import build_parser  # noqa: PLC0415
+
+    found, todo = [], [("minifcn", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        found.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {k}", p) for k, p in action.choices.items()]
+    return found
+
+
+@pytest.mark.parametrize("name,parser", _all_parsers(), ids=[n for n, _ in _all_parsers()])
+def test_help_shows_every_default(name, parser):
+    """Every option of every subcommand has help text that states its default, once; none reads '(default: None)'."""
+    text = parser.format_help()
+    assert "(default: None)" not in text and "``" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        line = (formatter._get_help_string(action) or "").replace("%(default)s", str(action.default))
+        if action.required:
+            continue
+        assert line.count("default:") == 1, f"{name} {action.option_strings[0]}: {line!r}"
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in line, line
+
+
+def test_top_level_help_names_every_subcommand():
+    from minifcn.cli import build_parser  # noqa: PLC0415
+
+    text = build_parser().format_help()
+    for command in ("train", "eval", "predict", "gradcheck", "explain"):
+        assert command in text.split("positional arguments")[0], command  # in the description, too
+
+
+def test_explain_fcn_size_is_the_image_and_width_the_channels(capsys):
+    assert main(["explain", "fcn", "--model", "fcn32s", "--size", "64x80", "--width", "0.0625"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "64 x 80 input" in head and "width 0.0625" in head
+    with pytest.raises(SystemExit):
+        main(["explain", "fcn", "--size", "64x80x3"])
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
 
 
 def test_gradcheck_passes(capsys):

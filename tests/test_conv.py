@@ -9,7 +9,6 @@ id is the configuration and cannot drift from it.
 """
 from __future__ import annotations
 
-import importlib
 import re
 
 import numpy as np
@@ -19,7 +18,7 @@ from minifcn import parallel
 from minifcn import reference as ref
 from minifcn.backend import to_numpy
 from minifcn.gradcheck import check_layer
-from minifcn.layers import Conv2d, ConvTranspose2d, conv_output_size, conv_transpose_output_size
+from minifcn.layers import Conv2d, ConvTranspose2d, columns, conv_fast, conv_output_size, conv_transpose_output_size
 
 # ---------------------------------------------------------------------------
 # Configurations
@@ -290,8 +289,6 @@ def test_one_row_bands_give_the_same_results(case, which, threads, rng, monkeypa
     """Every layer output and gradient is identical whether a band holds the
     whole image or a single output row (the band loop must cover each row once),
     with the bands run in one thread or shared by three (minifcn.parallel)."""
-    im2col_module = importlib.import_module("minifcn.layers.im2col")  # the module, not the function
-    conv_module = importlib.import_module("minifcn.layers.conv")
     workers_seen = []
 
     def spy(bands, work, workers):
@@ -299,7 +296,8 @@ def test_one_row_bands_give_the_same_results(case, which, threads, rng, monkeypa
         return parallel.run_bands(bands, work, workers)
 
     monkeypatch.setenv("MINIFCN_NUM_THREADS", threads)
-    monkeypatch.setattr(conv_module, "run_bands", spy)
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # the bands are the fast routes' (also under a textbook CI run)
+    monkeypatch.setattr(conv_fast, "run_bands", spy)
 
     if which == "conv":
         layer, shape = make_conv(case)
@@ -312,9 +310,9 @@ def test_one_row_bands_give_the_same_results(case, which, threads, rng, monkeypa
     x = rng.standard_normal(shape)
     dy = rng.standard_normal(layer.output_shape(shape))
     whole = _forward_backward(layer, x, dy)
-    monkeypatch.setitem(im2col_module.BAND_BYTES, "numpy", 1)
-    monkeypatch.setattr(im2col_module, "MIN_COPY_BYTES", 1)
-    monkeypatch.setattr(im2col_module, "BAND_CHANNELS", 10**6)
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(columns, "BAND_CHANNELS", 10**6)
     rows = _forward_backward(layer, x, dy)
     for a, b in zip(whole, rows):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
@@ -323,9 +321,7 @@ def test_one_row_bands_give_the_same_results(case, which, threads, rng, monkeypa
 
 
 def test_bands_tile_the_output_rows():
-    from minifcn.layers.im2col import Unfolding
-
-    u = Unfolding((2, 8, 50, 40), (3, 3), (1, 1), (1, 1), (1, 1))
+    u = columns.Unfolding((2, 8, 50, 40), (3, 3), (1, 1), (1, 1), (1, 1))
     for budget_channels in (8, 64):
         bands = list(u.bands(np, 4, budget_channels))
         assert bands[0][0] == 0 and bands[-1][1] == 50
@@ -333,9 +329,11 @@ def test_bands_tile_the_output_rows():
     assert list(u.bands(np, 4, 65)) == [(0, 50)]  # many output channels: one product
 
 
-def test_weight_grad_accumulates_into_the_given_array_and_rejects_a_bad_one(rng):
-    from minifcn.layers import conv2d_weight_grad
+@pytest.mark.parametrize("route_name", ["textbook", "bands"])
+def test_weight_grad_accumulates_into_the_given_array_and_rejects_a_bad_one(route_name, rng):
+    from minifcn import routes
 
+    conv2d_weight_grad = next(r.fn for r in routes.routes("conv_weight_grad") if r.name == route_name)
     x, dy = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 4, 6, 5))
     geometry = ((1, 1), (1, 1), (1, 1))
     fresh = conv2d_weight_grad(dy, x, (4, 3, 3, 3), *geometry)

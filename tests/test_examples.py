@@ -5,6 +5,7 @@ root, without installing anything) and writes into tmp_path.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name, *args, timeout=300):
+def run_example(name, *args, timeout=300, cwd=ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                MINIFCN_DEVICE="cpu")
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{name} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
@@ -47,7 +49,27 @@ def number_after(text, prefix):
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert scripts == {"transposed_conv_backprop.py", "gradcheck_layers.py", "train_fcn_shapes.py",
-                       "upsampling_compare.py", "fcn_stages.py"}
+                       "upsampling_compare.py", "fcn_stages.py", "staged_training.py"}
+
+
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_examples_write_only_under_runs_examples(name, tmp_path):
+    """With its default folders, an example writes under runs/examples/ of the working directory and nowhere
+    else: never into runs/shapes-fcn8s, the run folder of the README's main command (a fake one is planted)."""
+    main_run = tmp_path / "runs" / "shapes-fcn8s"
+    main_run.mkdir(parents=True)
+    (main_run / "best.npz").write_bytes(b"the README's trained model")
+    before = {p for p in tmp_path.rglob("*")}
+    run_example(name, cwd=tmp_path)
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    assert written, f"{name} wrote nothing"
+    outside = [str(p.relative_to(tmp_path)) for p in written if not p.is_relative_to(tmp_path / "runs" / "examples")]
+    assert not outside, f"{name} wrote outside runs/examples/: {outside}"
+    assert (main_run / "best.npz").read_bytes() == b"the README's trained model"
+    assert sorted(os.listdir(main_run)) == ["best.npz"]
 
 
 def test_transposed_conv_backprop(tmp_path):
@@ -110,3 +132,39 @@ def test_fcn_stages_from_checkpoint(tmp_path):
     assert "trained in" not in out
     assert number_after(out, "equals model(x): max |difference|") == 0.0
     assert_png(tmp_path / "fcn_stages.png")
+
+
+def test_staged_training(tmp_path):
+    """32s, then 16s --init-from it, then 8s --init-from that; the figure titles each model with the mean IU
+    its own run recorded; --from-runs redraws without training."""
+    out = run_example("staged_training.py", "--out", str(tmp_path))
+    assert "init from" in out and "copied 32 parameters" in out and "copied 35 parameters" in out
+    for model in ("fcn32s", "fcn16s", "fcn8s"):
+        assert (tmp_path / model / "best.npz").is_file()
+        measured = json.loads((tmp_path / model / "metrics.jsonl").read_text().splitlines()[0])["mean_iu"]
+        assert number_after(out, f"{model}: mean IU") == pytest.approx(measured, abs=1e-4)
+    assert_png(tmp_path / "staged_refinement.png")
+    again = run_example("staged_training.py", "--out", str(tmp_path), "--from-runs")
+    assert "trained in" not in again and "wrote" in again
+
+
+def test_figure_titles_never_overlap():
+    """fcn_stages.py's titles over 128-px tiles (the README's image size): each title is wrapped to its
+    column, so the middle of every gap between two columns stays white through the title band."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _figure as fig  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from PIL import ImageDraw  # noqa: PLC0415
+
+    titles = [["input", "ground truth", "32s = A", "16s = A + B", "8s = A + B + C (output)"],
+              ["", "", "A: from score_fr (stride 32)", "B: from pool4 (stride 16)", "C: from pool3 (stride 8)"]]
+    for line in fig.wrap(titles[1][2], 100).split("\n"):
+        assert ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line, font=fig.font(13)) <= 100
+    tile = Image.new("RGB", (128, 128), (0, 0, 0))
+    pad = 8
+    pixels = np.asarray(fig.compose([[tile] * 5, [None, None, tile, tile, tile]], titles=titles, title_h=20, pad=pad))
+    for c in range(1, 5):  # tiles never reach into a gap: only a title can
+        gap_middle = pad + c * (128 + pad) - pad // 2
+        assert (pixels[:, gap_middle] == 255).all(), f"a title crosses the gap before column {c}"

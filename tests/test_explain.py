@@ -228,7 +228,7 @@ def test_size_report_substitutes_numbers():
      ["5 6 . . 8 9", "output_padding=(1, 1)", "max |Conv2d.backward(dy)    - C^T dy|"]),
     (["explain", "fcn", "--model", "fcn8s", "--size", "500"],
      ["upscore8", "568", "5 (5)", "9 (9)", "31 (31)"]),
-    (["explain", "fcn", "--model", "fcn32s", "--size", "64", "--input-width", "80", "--all"],
+    (["explain", "fcn", "--model", "fcn32s", "--size", "64x80", "--all"],
      ["relu1_1", "19 (19)", "3 x 64 x 80"]),
     (["explain", "sizes", "--size", "7", "--kernel", "3", "--stride", "2", "--padding", "1"],
      ["= 4", "13 (output_padding=0), 14 (output_padding=1)"]),

@@ -332,13 +332,10 @@ def test_batch_gradient_is_the_sum_of_per_image_gradients(name, batch_gradient_i
 def test_threads_change_no_output_and_no_gradient_beyond_rounding(gradients, monkeypatch):
     """FCN-8s with every convolution cut into one-row bands shared by three threads, and
     ReLU and pooling cut into pieces (minifcn.parallel), against the same model on one thread."""
-    import importlib
-
     from minifcn import parallel
-
-    im2col_module = importlib.import_module("minifcn.layers.im2col")
-    monkeypatch.setitem(im2col_module.BAND_BYTES, "numpy", 1)
-    monkeypatch.setattr(im2col_module, "MIN_COPY_BYTES", 1)
+    from minifcn.layers import columns
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 1)
     monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
     model = small_model("fcn8s", 4)
     model.eval()
@@ -376,3 +373,48 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, grad
     assert none is None
     for n in with_dx:
         np.testing.assert_array_equal(to_numpy(with_dx[n]), to_numpy(without[n]), err_msg=n)
+
+
+def test_two_models_forward_from_two_user_threads_equal_serial(monkeypatch):
+    """Two FCN-8s of the same shape (different weights) run forward passes in two Python
+    threads at once, several times, with every convolution cut into one-row bands: each result
+    equals the same model run alone. Scratch buffers shared between user threads (keyed only by
+    band worker, so both threads' worker 0 wrote the same columns) failed this."""
+    import sys
+    import threading
+
+    from minifcn.layers import columns
+
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # the bands and their buffers are the fast routes'
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 1)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 1)
+    models = [small_model("fcn8s", seed) for seed in (4, 5)]
+    for m in models:
+        m.eval()
+    x = np.concatenate([small_input("fcn8s", 5), small_input("fcn8s", 6)])
+    serial = [m(x).copy() for m in models]
+    results, errors = [[], []], []
+
+    def work(i):
+        try:
+            for _ in range(6):
+                results[i].append(models[i](x).copy())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often, as a busy machine would
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    for i in (0, 1):
+        assert len(results[i]) == 6
+        for y in results[i]:
+            np.testing.assert_array_equal(y, serial[i])
+

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import minifcn.optim as optim_module
+from minifcn import routes
 from minifcn.backend import to_device, to_numpy
 from minifcn.models import FCN8s
 from minifcn.module import Parameter
@@ -97,7 +98,8 @@ def test_update_equals_the_formula(nesterov, dtype, device):
     sizes = (1 << 20) + 12345, 1000
     params = [Parameter(to_device(rng.standard_normal(s).astype(dtype), device), lr_mult=m, decay_mult=d)
               for s, m, d in zip(sizes, (1.0, 2.0), (1.0, 0.0))]
-    assert {SGD.route(p) for p in params} == {"chunked" if device == "cpu" else "fused"}
+    fast = "chunked" if device == "cpu" else "fused"
+    assert {SGD.route(p) for p in params} == {fast if routes.mode() == "fast" else "textbook"}
     lr, mu, wd = 0.01, 0.9, 5e-4
     opt = SGD(params, lr=lr, momentum=mu, weight_decay=wd, nesterov=nesterov)
     w = [to_numpy(p.data).astype(np.float64) for p in params]
@@ -121,6 +123,7 @@ def test_update_equals_the_formula(nesterov, dtype, device):
 def test_the_route_is_chosen_by_the_array_module(monkeypatch):
     """NumPy parameters take the chunked loop; an array module listed in FUSED_UPDATES (CuPy) its
     fused kernel, called once per parameter with the multipliers folded in (a stand-in records it)."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # (the textbook mode takes neither)
     calls = []
     p = Parameter(np.array([1.0, 2.0]), lr_mult=2.0, decay_mult=0.0)
     q = Parameter(np.array([3.0]))
@@ -249,5 +252,40 @@ def test_suggest_lr_relates_sum_and_mean_losses():
     assert suggest_lr("mean", 250_000, mean_lr=1e-2) == 1e-2
     assert suggest_lr("sum", 250_000, mean_lr=1e-2) == pytest.approx(4e-8)
     assert math.isclose(suggest_lr("sum", 500 * 500, mean_lr=2.5e-5), 1e-10)  # the reference's 1e-10
+    assert math.isclose(suggest_lr("mean", 500 * 500, sum_lr=1e-10), 2.5e-5)   # and back: the reference as a mean
+    assert math.isclose(suggest_lr("sum", 500 * 500, sum_lr=1e-10), 1e-10)
+    assert math.isclose(suggest_lr("sum", 128 * 128, mean_lr=0.01), 0.01 / 16384)
+    assert suggest_lr("mean", 10) == 1e-2                                            # neither given
+    with pytest.raises(ValueError, match="not both"):
+        suggest_lr("mean", 10, mean_lr=1e-2, sum_lr=1e-9)
+    with pytest.raises(ValueError, match="pixels_per_batch"):
+        suggest_lr("sum", 0, mean_lr=1e-2)
     with pytest.raises(ValueError, match="'none'"):
         suggest_lr("none", 10)
+
+
+@pytest.mark.parametrize("momentum,weight_decay,nesterov", [(0.9, 5e-4, False), (0.9, 0.0, True), (0.99, 5e-4, True),
+                                                            (0.0, 5e-4, False), (0.0, 0.0, False)])
+def test_chunked_route_equals_the_textbook_update(momentum, weight_decay, nesterov, monkeypatch):
+    """SGD's fast route (in place, in chunks; chunks of 7 here so a parameter spans several)
+    against the textbook formula, over three steps with multipliers."""
+    import minifcn.optim as optim_module
+    from minifcn import route
+
+    monkeypatch.setattr(optim_module, "_CHUNK", 7)
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(shape) for shape in ((3, 5), (11,), (2, 2, 3))]
+    grads = [[rng.standard_normal(w.shape) for w in start] for _ in range(3)]
+    result = {}
+    for mode in ("fast", "textbook"):
+        params = [Parameter(w.copy()) for w in start]
+        params[1].lr_mult, params[1].decay_mult = 2.0, 0.0
+        opt = SGD(params, lr=0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        with route(mode):
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad[...] = g
+                opt.step()
+        result[mode] = [p.data for p in params] + list(opt.velocity.values())
+    for a, b in zip(result["fast"], result["textbook"]):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)

@@ -148,6 +148,7 @@ def test_maxpool_cut_into_pieces_per_thread_matches_reference(case, rng, monkeyp
 
     monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # pieces are the fast route's (also in a textbook CI run)
     counts = []
     monkeypatch.setattr(pool_module, "run_pieces",
                         lambda idx, work: (counts.append(len(idx)), parallel.run_pieces(idx, work)))
@@ -299,3 +300,27 @@ def test_maxpool_matches_torch(case, rng, tie_free, rel_err):
     dy = rng.standard_normal(y.shape)
     ty.backward(torch.tensor(dy))
     assert rel_err(layer.backward(dy), tx.grad.numpy()) < 1e-12
+
+
+def test_pieces_route_equals_the_textbook_route_on_random_geometries(monkeypatch):
+    """MaxPool2d forward and backward by the fast route (pieces on 3 threads, forced on tiny
+    arrays; written instead of added where windows do not overlap; no zero fill where they
+    tile) and by the textbook route, ties included: identical results."""
+    from minifcn import parallel, route
+
+    monkeypatch.setattr(parallel, "MIN_PIECE_BYTES", 0)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")
+    rng = np.random.default_rng(31)
+    for case in range(60):
+        k = tuple(int(v) for v in rng.integers(1, 4, 2))
+        s = tuple(int(v) for v in rng.integers(1, 4, 2))
+        p = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in k)
+        layer = MaxPool2d(k, s, p, ceil_mode=bool(rng.integers(0, 2)))
+        x = np.round(rng.standard_normal((int(rng.integers(1, 4)), 2, *rng.integers(3, 9, 2))) * 2) / 2
+        out = {}
+        for mode in ("fast", "textbook"):
+            with route(mode):
+                y = layer(x)
+                out[mode] = (y, layer.backward(np.arange(y.size, dtype=np.float64).reshape(y.shape)))
+        for a, b in zip(out["fast"], out["textbook"]):
+            np.testing.assert_array_equal(a, b, err_msg=f"case {case}: {layer!r} on {x.shape}")

@@ -54,15 +54,6 @@ def test_fcn_matches_pytorch_forward_and_gradients(cls):
     for tname, tp in twin.named_parameters():
         if tp.grad is None:
             continue
-        # TorchFCN names: stages.S.K.weight for the backbone, head layers by their minifcn names
-        mname = _minifcn_name(model, tname)
+        # TorchFCN names its modules after minifcn's layers: layers.<name>.weight
+        mname = tname.removeprefix("layers.")
         assert max_relative_difference(ours[mname].grad, tp.grad.numpy()) < 1e-8, tname
-
-
-def _minifcn_name(model, torch_name):
-    """TorchFCN keeps one module per minifcn layer, in order: stages.S.K.weight is the
-    K-th layer of stage S+1; head layers carry their minifcn names."""
-    parts = torch_name.split(".")
-    if parts[0] != "stages":
-        return torch_name
-    return f"{model.stages[int(parts[1])][int(parts[2])]}.{parts[3]}"

@@ -78,6 +78,9 @@ def test_run_folder(learned):
     for i, row in enumerate(rows):
         assert {"epoch", "train_loss", "pixel_acc", "mean_acc", "mean_iu", "fwiu", "seconds"} <= set(row)
         assert row["epoch"] == i + 1 and row["seconds"] > 0
+        steps = row["step_loss"]  # every step's loss, for loss.png; train_loss is their mean
+        assert len(steps) == cfg.train_images // cfg.batch_size
+        assert np.mean(steps) == pytest.approx(row["train_loss"], rel=1e-4)
         for k in ("train_loss", "pixel_acc", "mean_acc", "mean_iu", "fwiu", "lr", "seconds"):
             assert row[k] == pytest.approx(history[i][k], rel=1e-12), k
         assert all(0 <= row[k] <= 1 for k in ("pixel_acc", "mean_acc", "mean_iu", "fwiu"))
@@ -345,6 +348,85 @@ def test_training_with_class_weights_logs_them_and_learns(tmp_path, monkeypatch)
     assert len(weights) == 6 and weights[0] < 1 < max(weights)  # background, the most frequent class, weighs least
     np.testing.assert_allclose(losses[0].class_weight, weights, atol=1e-3)  # and the loss uses them
     assert math.isfinite(history[-1]["train_loss"])
+
+
+# -- staged training: --init-from ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fcn32s_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage") / "fcn32s"
+    train(tiny_fcn(out, model="fcn32s", epochs=1), log=lambda *a: None)
+    return out / "best.npz"
+
+
+def test_init_from_copies_every_matching_parameter(fcn32s_run, tmp_path):
+    """FCN-16s from FCN-32s: the backbone and score_fr are copied value for value; upscore2, score_pool4
+    and upscore16 (absent from FCN-32s) keep their initialisation; FCN-32s's upscore is not used."""
+    from minifcn.models import build_model  # noqa: PLC0415
+    from minifcn.train import init_from_checkpoint  # noqa: PLC0415
+
+    saved, _ = load_checkpoint(fcn32s_run)
+    model = build_model("fcn16s", num_classes=6, width=1 / 32, seed=5, learn_upsampling=True)
+    fresh = {k: v.copy() for k, v in model.state_dict().items()}
+    copied, new, mismatched = init_from_checkpoint(model, fcn32s_run)
+    assert new == ["upscore2.weight", "score_pool4.weight", "score_pool4.bias", "upscore16.weight"]
+    assert mismatched == [] and len(copied) == len(fresh) - 4 and "score_fr.weight" in copied
+    state = model.state_dict()
+    for name in copied:
+        np.testing.assert_array_equal(state[name], saved[f"model.{name}"])
+    assert not np.array_equal(fresh["conv1_1.weight"], state["conv1_1.weight"])  # it did change
+    for name in new:
+        np.testing.assert_array_equal(state[name], fresh[name])
+
+
+def test_init_from_through_train_logs_copied_and_new(fcn32s_run, tmp_path):
+    logs = []
+    train(tiny_fcn(tmp_path / "fcn16s", model="fcn16s", epochs=1, init_from=str(fcn32s_run)), log=logs.append)
+    line = next(line for line in logs if line.startswith("init from"))
+    assert "copied 32 parameters" in line and "new 4 (upscore2, score_pool4, upscore16)" in line
+    _, meta = load_checkpoint(tmp_path / "fcn16s" / "best.npz")
+    assert meta["config"]["init_from"] == str(fcn32s_run)
+    # resuming the same command continues from its own checkpoint, not from the FCN-32s again
+    logs = []
+    train(tiny_fcn(tmp_path / "fcn16s", model="fcn16s", epochs=2, init_from=str(fcn32s_run), resume=True),
+          log=logs.append)
+    assert not any(line.startswith("init from") for line in logs)
+    assert any("applies to a fresh start only" in line for line in logs)
+
+
+def test_init_from_reports_shape_mismatches(fcn32s_run):
+    """Another number of classes: score_fr's weight and bias differ in shape and stay as initialised."""
+    from minifcn.models import build_model  # noqa: PLC0415
+    from minifcn.train import init_from_checkpoint  # noqa: PLC0415
+
+    model = build_model("fcn16s", num_classes=3, width=1 / 32)
+    copied, new, mismatched = init_from_checkpoint(model, fcn32s_run)
+    assert mismatched == ["score_fr.weight", "score_fr.bias"] and "conv5_3.weight" in copied
+
+
+def test_init_from_refuses_a_checkpoint_that_shares_nothing(fcn32s_run, tmp_path):
+    from minifcn.checkpoint import CheckpointError, save_checkpoint  # noqa: PLC0415
+    from minifcn.models import build_model  # noqa: PLC0415
+    from minifcn.train import init_from_checkpoint  # noqa: PLC0415
+
+    other = tmp_path / "other.npz"
+    save_checkpoint(other, {"model.encoder.weight": np.zeros((2, 3))}, {"format": "minifcn-checkpoint-1"})
+    model = build_model("fcn8s", num_classes=6, width=1 / 32)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="shares no parameter.*no name in common"):
+        init_from_checkpoint(model, other)
+    wide = build_model("fcn32s", num_classes=6, width=1 / 16, learn_upsampling=True)
+    wide.score_fr.bias.data = np.zeros(7, np.float32)  # so that not even score_fr.bias fits
+    wide.upscore.weight.data = np.zeros((7, 7, 64, 64), np.float32)
+    save_checkpoint(tmp_path / "wide.npz", {f"model.{k}": v for k, v in wide.state_dict().items()}, {})
+    with pytest.raises(CheckpointError, match="shapes differ: conv1_1.weight"):
+        init_from_checkpoint(build_model("fcn32s", num_classes=6, width=1 / 32), tmp_path / "wide.npz")
+    for name, value in model.state_dict().items():  # nothing was changed
+        np.testing.assert_array_equal(value, before[name])
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, **{"model.conv1_1.weight": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(CheckpointError):  # read by load_checkpoint: never unpickled
+        init_from_checkpoint(model, pickled)
 
 
 # -- the run folder is never destroyed by accident ------------------------------------------------

@@ -107,3 +107,37 @@ def test_save_png_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_png(Image.new("CMYK", (3, 3)), tmp_path / "sub/b.png")  # PNG cannot hold CMYK
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.png"]  # no temp file, no b.png
+
+
+def test_smooth_is_a_trailing_mean():
+    from minifcn.viz import smooth  # noqa: PLC0415
+
+    np.testing.assert_allclose(smooth([4, 2, 6, 0, 8], 2), [4, 3, 4, 3, 4])
+    np.testing.assert_allclose(smooth([1, 2, 3], 1), [1, 2, 3])
+    np.testing.assert_allclose(smooth([1, 2, 3, 4], 10), [1, 1.5, 2, 2.5])
+
+
+def test_plot_training_steps_beside_held_out_scores(tmp_path):
+    """Left: every step's loss (light) and its moving mean (dark blue) over the steps; right: the held-out
+    scores per epoch in the other colours. Rows without step_loss fall back to one point per epoch."""
+    from minifcn.viz import plot_training  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    history = [{**row, "step_loss": (row["train_loss"] + 0.3 * rng.standard_normal(100)).tolist()} for row in HISTORY]
+    plot_training(history, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.size == (920, 320)
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+
+    def count(colour, half):
+        part = pixels[:, :460] if half == "left" else pixels[:, 460:]
+        return int((np.abs(part - colour).sum(-1) < 20).sum())
+
+    assert count((190, 205, 225), "left") > 1000        # the raw per-step loss: many points, noisy
+    assert count((31, 119, 180), "left") > 150          # the smoothed line
+    assert count((31, 119, 180), "right") == 0          # the scores are not drawn in the loss's colour
+    assert count((255, 127, 14), "right") > 100 and count((44, 160, 44), "right") > 100
+    plot_training(HISTORY, tmp_path / "per_epoch.png")  # no step_loss: the per-epoch mean
+    with Image.open(tmp_path / "per_epoch.png") as im:
+        left = np.asarray(im.convert("RGB")).astype(int)[:, :460]
+    assert (np.abs(left - (31, 119, 180)).sum(-1) < 20).sum() > 50

@@ -72,6 +72,43 @@ def need_forward(cache, layer: str):
     return cache
 
 
+def check_accumulate(accumulate, shape, xp, dtype, where: str):
+    """The array a gradient is added into: a new zero array when None, else ``accumulate``
+    itself after checking that it is contiguous and of ``shape`` (a parameter's ``.grad``)."""
+    if accumulate is None:
+        return xp.zeros(shape, dtype=dtype)
+    if tuple(accumulate.shape) != tuple(shape) or not accumulate.flags.c_contiguous:
+        raise ValueError(f"{where}: accumulate must be a contiguous array of shape "
+                         f"{tuple(shape)}, got shape {tuple(accumulate.shape)} "
+                         f"(C-contiguous: {bool(accumulate.flags.c_contiguous)})")
+    return accumulate
+
+
+def check_same_dtype(x, weight, layer: str):
+    """An input on another device than the weight, or whose dtype is not the weight's (NumPy
+    would promote, silently and slowly)."""
+    check_same_device(x, weight, layer)
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{layer}: input dtype {x.dtype} does not match weight dtype {weight.dtype}; cast one "
+                         f"of them (layer.astype({x.dtype.name!r}) or x.astype({weight.dtype.name!r}))")
+
+
+def check_kernel_fits(x_shape, kernel, padding, dilation, layer: str):
+    """A kernel extent ``d(k-1) + 1`` larger than the padded input."""
+    for a in (0, 1):
+        span = dilation[a] * (kernel[a] - 1) + 1
+        if x_shape[2 + a] + 2 * padding[a] < span:
+            raise ValueError(f"{layer}: kernel extent {span} (kernel_size={tuple(kernel)}, dilation="
+                             f"{tuple(dilation)}) is larger than the padded input {'HW'[a]}={x_shape[2 + a]}+2*"
+                             f"{padding[a]} (input shape {tuple(x_shape)})")
+
+
+def check_positive_output(out_shape, x_shape, padding, layer: str):
+    """An output size that padding has made zero or negative."""
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"{layer}: output size {tuple(out_shape[2:])} is not positive for input shape "
+                         f"{tuple(x_shape)} (padding={padding} removes too much)")
+
 class SavedInput:
     """The input a layer keeps for its backward, and a check that it was not changed in place.
 

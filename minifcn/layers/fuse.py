@@ -15,6 +15,7 @@ class Crop(Module):
 
     ``forward(x, reference)``: reference is an (N, C, Hr, Wr) array or an
     (Hr, Wr) pair. ``backward(dy)`` pads dy with zeros back to x's shape.
+    One route; loop twin: :func:`minifcn.reference.crop`.
     """
 
     def __init__(self, offset=0):

@@ -43,3 +43,9 @@ def he_normal(shape, fan_in: int, rng=None, dtype=np.float32) -> np.ndarray:
     rng = np.random.default_rng(rng)
     std = math.sqrt(2.0 / fan_in)  # a Python float: keeps float32 arrays float32
     return (rng.standard_normal(shape, dtype=np.float32 if dtype == np.float32 else np.float64) * std).astype(dtype)
+
+
+def uniform_init(shape, fan_in: int, dtype, rng) -> np.ndarray:
+    """PyTorch's default for convolution weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)

@@ -1,4 +1,4 @@
-"""Max pooling with -inf padding, ceil mode and an explicit tie rule."""
+"""Max pooling with -inf padding, ceil mode and an explicit tie rule: its two routes and the layer."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,10 @@ import math
 from ..backend import get_array_module
 from ..module import Module
 from ..parallel import pieces, run_pieces
+from ..routes import register, run
 from ._checks import check_grad, check_nchw, need_forward, pair
+
+FORWARD, INPUT_GRAD = "maxpool_forward", "maxpool_input_grad"
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
@@ -18,6 +21,75 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
+
+
+def _window(i, j, stride, dilation, out_hw):
+    """The strided slice of the padded grid that kernel offset (i, j) covers for every output pixel."""
+    (sh, sw), (dh, dw), (oh, ow) = stride, dilation, out_hw
+    return (slice(None), slice(None), slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
+            slice(j * dw, j * dw + sw * (ow - 1) + 1, sw))
+
+
+@register(FORWARD, "textbook", textbook=True, reason="one maximum and argmax pass per kernel offset")
+def max_and_argmax(xpad, y, argmax, kernel, stride, dilation):
+    """Fill y (N, C, OH, OW) with the window maxima of xpad, and argmax with their first index k = i*kw + j."""
+    xp = get_array_module(xpad)
+    kh, kw = kernel
+    windows = [xpad[_window(k // kw, k % kw, stride, dilation, y.shape[2:])] for k in range(kh * kw)]  # views
+    y[...] = windows[0]
+    for window in windows[1:]:
+        xp.maximum(y, window, out=y)
+    # Tie rule: the argmax is the first k (row-major) whose window holds the maximum.
+    # Walk k downwards keeping ``argmax = k where window_k == y``, with integer
+    # arithmetic instead of a masked assignment: argmax = k + (argmax - k) * (window_k != y).
+    argmax[...] = kh * kw - 1
+    for k in range(kh * kw - 2, -1, -1):
+        argmax -= k
+        argmax *= windows[k] != y
+        argmax += k
+
+
+@register(FORWARD, "pieces", reason="the textbook passes, the batch (or channels) cut into one piece per CPU core")
+def max_and_argmax_in_pieces(xpad, y, argmax, kernel, stride, dilation):
+    """:func:`max_and_argmax` on one piece of the batch per worker (:func:`minifcn.parallel.pieces`)."""
+    run_pieces(pieces(get_array_module(xpad), xpad.shape, xpad.nbytes),
+               lambda i: max_and_argmax(xpad[i], y[i], argmax[i], kernel, stride, dilation))
+
+
+@register(INPUT_GRAD, "textbook", textbook=True, reason="a zero grid, then per kernel offset dy added where it is the argmax")
+def scatter_to_argmax(dy, argmax, padded_hw, kernel, stride, dilation):
+    """dxpad (N, C, Hp, Wp): each window's gradient dy added at its argmax (windows may overlap)."""
+    xp = get_array_module(dy)
+    kh, kw = kernel
+    dxpad = xp.zeros(dy.shape[:2] + tuple(padded_hw), dtype=dy.dtype)
+    for k in range(kh * kw):
+        dxpad[_window(k // kw, k % kw, stride, dilation, dy.shape[2:])] += dy * (argmax == k)
+    return dxpad
+
+
+@register(INPUT_GRAD, "pieces", reason="one piece per CPU core; windows that do not overlap are written, "
+                                       "not added, and tiling ones need no zero fill")
+def scatter_to_argmax_in_pieces(dy, argmax, padded_hw, kernel, stride, dilation):
+    """:func:`scatter_to_argmax` cut into pieces, with two shortcuts where the windows allow them."""
+    xp = get_array_module(dy)
+    kh, kw = kernel
+    out_hw = dy.shape[2:]
+    # Windows that tile the padded grid write every pixel exactly once: no zero fill first.
+    tiles = (kernel == stride and dilation == (1, 1) and tuple(padded_hw) == (out_hw[0] * stride[0], out_hw[1] * stride[1]))
+    overlapping = any(s < d * (k - 1) + 1 for s, d, k in zip(stride, dilation, kernel))
+    dxpad = (xp.empty if tiles else xp.zeros)(dy.shape[:2] + tuple(padded_hw), dtype=dy.dtype)
+
+    def piece(i):
+        grid, grad, index = dxpad[i], dy[i], argmax[i]
+        for k in range(kh * kw):
+            window = grid[_window(k // kw, k % kw, stride, dilation, out_hw)]
+            if overlapping:
+                window += grad * (index == k)
+            else:  # each input pixel is in at most one window: write, no read-modify-write
+                xp.multiply(grad, index == k, out=window)
+
+    run_pieces(pieces(xp, dxpad.shape, dxpad.nbytes), piece)
+    return dxpad
 
 
 class MaxPool2d(Module):
@@ -35,6 +107,11 @@ class MaxPool2d(Module):
     receives the whole gradient; the others get zero.
 
     Shapes: (N, C, H, W) -> (N, C, OH, OW), OH from :func:`pool_output_size`.
+
+    Routes (:mod:`minifcn.routes`): forward and backward each have a textbook
+    route (:func:`max_and_argmax`, :func:`scatter_to_argmax`) and a fast one,
+    ``pieces`` (the batch cut into one piece per CPU core). Loop twin:
+    :func:`minifcn.reference.max_pool2d`.
     """
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
@@ -55,16 +132,14 @@ class MaxPool2d(Module):
             pool_output_size(size, self.kernel_size[a], self.stride[a], self.padding[a], self.dilation[a], self.ceil_mode)
             for a, size in ((0, h), (1, w)))
 
-    def _window(self, i, j, out_hw):
-        (sh, sw), (dh, dw), (oh, ow) = self.stride, self.dilation, out_hw
-        return (slice(None), slice(None),
-                slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
-                slice(j * dw, j * dw + sw * (ow - 1) + 1, sw))
-
     def _padded_size(self, size, out, a):
         # Large enough for every window, including the extra one of ceil mode.
         need = (out - 1) * self.stride[a] + self.dilation[a] * (self.kernel_size[a] - 1) + 1
         return max(size + 2 * self.padding[a], need)
+
+    def route_facts(self, x_shape):
+        """Pass -> (operation, facts for :func:`minifcn.routes.select`)."""
+        return {"forward": (FORWARD, (tuple(x_shape),)), "input grad": (INPUT_GRAD, (tuple(x_shape),))}
 
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, C, OH, OW)."""
@@ -85,52 +160,17 @@ class MaxPool2d(Module):
         kh, kw = self.kernel_size
         y = xp.empty((n, c, oh, ow), dtype=x.dtype)
         argmax = xp.empty((n, c, oh, ow), dtype=xp.uint8 if kh * kw <= 255 else xp.int32)
-        # On the CPU, large batches are cut into one piece per core (minifcn.parallel).
-        run_pieces(pieces(xp, x.shape, x.nbytes), lambda i: self._max_and_argmax(xpad[i], y[i], argmax[i]))
+        run(FORWARD, (tuple(x.shape),), xpad, y, argmax, self.kernel_size, self.stride, self.dilation)
         self._cache = (x.shape, (hp, wp), argmax)
         return y
 
-    def _max_and_argmax(self, xpad, y, argmax):
-        """Fill y (N, C, OH, OW) with the window maxima of xpad, and argmax with their first index k = i*kw + j."""
-        xp = get_array_module(xpad)
-        kh, kw = self.kernel_size
-        windows = [xpad[self._window(k // kw, k % kw, y.shape[2:])] for k in range(kh * kw)]  # views
-        y[...] = windows[0]
-        for window in windows[1:]:
-            xp.maximum(y, window, out=y)
-        # Tie rule: the argmax is the first k (row-major) whose window holds the maximum.
-        # Walk k downwards keeping ``argmax = k where window_k == y``, with integer
-        # arithmetic instead of a masked assignment: argmax = k + (argmax - k) * (window_k != y).
-        argmax[...] = kh * kw - 1
-        for k in range(kh * kw - 2, -1, -1):
-            argmax -= k
-            argmax *= windows[k] != y
-            argmax += k
-
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W); each window's gradient goes to its argmax."""
-        x_shape, (hp, wp), argmax = need_forward(self._cache, "MaxPool2d")
+        x_shape, padded_hw, argmax = need_forward(self._cache, "MaxPool2d")
         check_grad(dy, argmax.shape, "MaxPool2d")
-        xp = get_array_module(dy)
-        n, c, h, w = x_shape
-        (kh, kw), (sh, sw), (oh, ow) = self.kernel_size, self.stride, dy.shape[2:]
-        # Windows that tile the padded grid (kernel = stride, no dilation) write every
-        # pixel exactly once, so the grid needs no zero fill first.
-        tiles = (self.kernel_size == self.stride and self.dilation == (1, 1) and (hp, wp) == (oh * sh, ow * sw))
-        overlapping = any(s < d * (k - 1) + 1 for s, d, k in zip(self.stride, self.dilation, self.kernel_size))
-        dxpad = (xp.empty if tiles else xp.zeros)((n, c, hp, wp), dtype=dy.dtype)
-
-        def piece(i):
-            grid, grad, index = dxpad[i], dy[i], argmax[i]
-            for k in range(kh * kw):
-                window = grid[self._window(k // kw, k % kw, (oh, ow))]
-                if overlapping:
-                    window += grad * (index == k)
-                else:  # each input pixel is in at most one window: write, no read-modify-write
-                    xp.multiply(grad, index == k, out=window)
-
-        run_pieces(pieces(xp, dxpad.shape, dxpad.nbytes), piece)
-        ph, pw = self.padding
+        dxpad = run(INPUT_GRAD, (tuple(x_shape),), dy, argmax, padded_hw, self.kernel_size, self.stride,
+                    self.dilation)
+        (ph, pw), (h, w) = self.padding, x_shape[2:]
         return dxpad[:, :, ph:ph + h, pw:pw + w]
 
     def extra_repr(self):

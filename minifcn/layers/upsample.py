@@ -57,7 +57,8 @@ class Upsample(Module):
     'bilinear'. Bilinear uses half-pixel centres, PyTorch's
     ``align_corners=False``; nearest matches PyTorch's 'nearest'.
 
-    Shapes: (N, C, H, W) -> (N, C, OH, OW).
+    Shapes: (N, C, H, W) -> (N, C, OH, OW). One route (two products); loop twins:
+    :func:`minifcn.reference.upsample_nearest`, :func:`minifcn.reference.upsample_bilinear`.
     """
 
     def __init__(self, scale_factor=None, mode: str = "nearest", size=None):

@@ -4,7 +4,7 @@ import numpy as np
 from .encoder_decoder import EncoderDecoder
 from .fcn import MODELS, FCN8s, FCN8sAtOnce, FCN16s, FCN32s, FCNBase
 from .vgg import vgg16_layers
-from .weights import load_vgg16_npz, transfer_by_name, vgg16_to_fcn_state
+from .weights import load_vgg16_npz, transfer_by_name, transfer_state, vgg16_to_fcn_state
 
 MODEL_NAMES = (*MODELS, "encoder-decoder")
 
@@ -21,4 +21,4 @@ def build_model(name: str, num_classes: int = 21, width: float = 1.0, **kwargs):
 
 
 __all__ = ["EncoderDecoder", "FCN8s", "FCN8sAtOnce", "FCN16s", "FCN32s", "FCNBase", "MODELS", "MODEL_NAMES",
-           "build_model", "load_vgg16_npz", "transfer_by_name", "vgg16_layers", "vgg16_to_fcn_state"]
+           "build_model", "load_vgg16_npz", "transfer_by_name", "transfer_state", "vgg16_layers", "vgg16_to_fcn_state"]

@@ -1,8 +1,12 @@
 """FCN-32s, FCN-16s, FCN-8s and FCN-8s at-once (Long, Shelhamer and Darrell, CVPR 2015).
 
-Each model is its list of layers plus the skip wiring, as in the reference
-``net.py``; ``backward`` walks the same wiring in reverse. Sizes for an input
-side H (F = ceil((H + 6) / 32) is the side of fc6 and score_fr):
+Each model declares its wiring once, as the reference ``net.py`` does: every
+blob (named after the layer that computes it) with the blobs it is computed
+from (:meth:`FCNBase.wiring`). ``forward`` runs that declaration; the blob
+table and FLOPs (:mod:`minifcn.models.trace`), ``minifcn explain`` and the
+PyTorch twin of the benchmarks read it too. ``backward`` is written out by
+hand, the wiring in reverse: it is the lesson. Sizes for an input side H
+(F = ceil((H + 6) / 32) is the side of fc6 and score_fr):
 
 =============  ======================  =============  ===========
 model          upsampling              before crop    crop offset
@@ -19,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import Add, Conv2d, ConvTranspose2d, Crop, Scale, bilinear_kernel
+from ..backend import get_array_module
 from ..module import Module, input_grad_switch
 from .vgg import scaled, vgg16_layers
 
@@ -81,12 +86,46 @@ class FCNBase(Module):
                 p.lr_mult, p.decay_mult = 2.0, 0.0
         return self
 
-    def run(self, stages, x):
-        """Forward through the layers of the given stage numbers (1-based)."""
-        for s in stages:
-            for name in self.stages[s - 1]:
-                x = getattr(self, name)(x)
-        return x
+    def wiring(self):
+        """Every blob in forward order with its inputs: ``[(name, input, ...), ...]``; ``data`` is the image.
+
+        The backbone is a chain (conv1_1 ... drop7); :meth:`head` is each model's own.
+        """
+        chain = [name for stage in self.stages for name in stage]
+        return [(name, source) for source, name in zip(["data"] + chain, chain)] + self.head()
+
+    def head(self):
+        """The blobs after the backbone with their inputs (Crop: source, reference; Add: both terms)."""
+        raise NotImplementedError
+
+    def forward_blobs(self, x, keep=True, zero=(), given=None):
+        """Run :meth:`wiring` on x: ``{blob name: array}`` (only ``score`` unless ``keep``).
+
+        For the explanations: blobs named in ``zero`` are replaced by zeros once
+        computed; with ``given`` (the blobs of an earlier run on the same x) only
+        the blobs downstream of ``zero`` are computed again. ReLUs work in
+        place, so a kept convolution blob holds its ReLU's output.
+        """
+        wiring = self.wiring()
+        last_use = {source: step for step, (_, *inputs) in enumerate(wiring) for source in inputs}
+        blobs, changed = {"data": x}, set(zero)
+        for step, (name, *inputs) in enumerate(wiring):
+            if given is not None and name not in changed and not changed.intersection(inputs):
+                blobs[name] = given[name]
+            else:
+                blobs[name] = getattr(self, name)(*(blobs[source] for source in inputs))
+                if name in zero:
+                    blobs[name] = get_array_module(x).zeros_like(blobs[name])
+                changed.add(name)
+            if not keep:
+                for source in inputs:
+                    if last_use[source] == step and source != "data":
+                        del blobs[source]
+        return blobs
+
+    def forward(self, x):
+        self.check_input(x)
+        return self.forward_blobs(x, keep=False)["score"]
 
     def run_backward(self, stages, dy):
         """Backward through the same stages in reverse order."""
@@ -119,11 +158,10 @@ class FCN32s(FCNBase):
         self.score = Crop(19)
         self.finish_init()
 
-    def forward(self, x):
-        self.check_input(x)
-        h = self.run([1, 2, 3, 4, 5], x)
-        h = self.upscore(self.score_fr(h))
-        return self.score(h, x)
+    def head(self):
+        return [("score_fr", "drop7"),
+                ("upscore", "score_fr"),
+                ("score", "upscore", "data")]
 
     def backward(self, dy):
         d = self.upscore.backward(self.score.backward(dy))
@@ -146,13 +184,14 @@ class FCN16s(FCNBase):
         self.score = Crop(27)
         self.finish_init()
 
-    def forward(self, x):
-        self.check_input(x)
-        pool4 = self.run([1, 2, 3, 4], x)
-        upscore2 = self.upscore2(self.score_fr(self.run([5], pool4)))
-        score_pool4c = self.score_pool4c(self.score_pool4(pool4), upscore2)
-        h = self.upscore16(self.fuse_pool4(upscore2, score_pool4c))
-        return self.score(h, x)
+    def head(self):
+        return [("score_fr", "drop7"),
+                ("upscore2", "score_fr"),
+                ("score_pool4", "pool4"),
+                ("score_pool4c", "score_pool4", "upscore2"),      # Crop(score_pool4, like upscore2)
+                ("fuse_pool4", "upscore2", "score_pool4c"),
+                ("upscore16", "fuse_pool4"),
+                ("score", "upscore16", "data")]
 
     def backward(self, dy):
         d_fuse = self.upscore16.backward(self.score.backward(dy))
@@ -190,22 +229,24 @@ class FCN8s(FCNBase):
         self.score = Crop(31)
         self.finish_init()
 
-    def _scaled(self, name, x):
-        return getattr(self, name)(x) if self.pool_scales else x
-
     def _scaled_backward(self, name, d):
         return getattr(self, name).backward(d) if self.pool_scales else d
 
-    def forward(self, x):
-        self.check_input(x)
-        pool3 = self.run([1, 2, 3], x)
-        pool4 = self.run([4], pool3)
-        upscore2 = self.upscore2(self.score_fr(self.run([5], pool4)))
-        score_pool4c = self.score_pool4c(self.score_pool4(self._scaled("scale_pool4", pool4)), upscore2)
-        upscore_pool4 = self.upscore_pool4(self.fuse_pool4(upscore2, score_pool4c))
-        score_pool3c = self.score_pool3c(self.score_pool3(self._scaled("scale_pool3", pool3)), upscore_pool4)
-        h = self.upscore8(self.fuse_pool3(upscore_pool4, score_pool3c))
-        return self.score(h, x)
+    def head(self):
+        at_once = bool(self.pool_scales)  # pool4 and pool3 pass through scale_pool4 / scale_pool3 first
+        return [("score_fr", "drop7"),
+                ("upscore2", "score_fr"),
+                *([("scale_pool4", "pool4")] if at_once else []),
+                ("score_pool4", "scale_pool4" if at_once else "pool4"),
+                ("score_pool4c", "score_pool4", "upscore2"),
+                ("fuse_pool4", "upscore2", "score_pool4c"),
+                ("upscore_pool4", "fuse_pool4"),
+                *([("scale_pool3", "pool3")] if at_once else []),
+                ("score_pool3", "scale_pool3" if at_once else "pool3"),
+                ("score_pool3c", "score_pool3", "upscore_pool4"),
+                ("fuse_pool3", "upscore_pool4", "score_pool3c"),
+                ("upscore8", "fuse_pool3"),
+                ("score", "upscore8", "data")]
 
     def backward(self, dy):
         d_fuse3 = self.upscore8.backward(self.score.backward(dy))

@@ -1,7 +1,7 @@
 """Blob shapes of an FCN from layer geometry alone, without running a convolution.
 
-:func:`fcn_blobs` follows the same wiring as the models' ``forward`` and
-reports every blob's shape, its stride relative to the input (how many input
+:func:`fcn_blobs` reads the model's declared wiring (``model.wiring()``, the
+one ``forward`` runs) and reports every blob's shape, its inputs, its stride relative to the input (how many input
 pixels one step of the blob spans) and the receptive field of one of its
 units. The tests check it against real forward passes, and against the
 closed-form sizes of the reference.
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layers import Conv2d, ConvTranspose2d, Crop, Dropout, MaxPool2d, ReLU, Scale
-from .fcn import FCN8s, FCN16s, FCN32s
+from ..layers import Add, Conv2d, ConvTranspose2d, Crop, Dropout, MaxPool2d, ReLU, Scale
+from .fcn import FCNBase
 
 
 @dataclass
 class Blob:
     """One intermediate result: shape (C, H, W), stride (input pixels per step,
-    < 1 after upsampling) and receptive field (input pixels seen by one unit)."""
+    < 1 after upsampling), receptive field (input pixels seen by one unit) and
+    the blobs it is computed from."""
 
     name: str
     layer: str
@@ -25,6 +26,7 @@ class Blob:
     stride: float
     receptive_field: float
     note: str = ""
+    inputs: tuple = ()
 
 
 def _apply(layer, shape, stride, rf):
@@ -47,54 +49,27 @@ def _apply(layer, shape, stride, rf):
 
 def fcn_blobs(model, height: int, width: int | None = None):
     """The list of :class:`Blob` of an FCN-32s/16s/8s (or at-once) for an input of ``height x width``."""
-    if not isinstance(model, (FCN32s, FCN16s, FCN8s)):
+    if not isinstance(model, FCNBase):
         raise TypeError(f"fcn_blobs: unsupported model {type(model).__name__}")
     width = height if width is None else width
-    data = Blob("data", "input", (3, height, width), 1.0, 1.0)
-    blobs, named = [data], {}
-
-    def add(blob):
-        blobs.append(blob)
-        named[blob.name] = blob
-        return blob
-
-    def step(name, src):
-        layer = getattr(model, name)
-        shape, stride, rf = _apply(layer, src.shape, src.stride, src.receptive_field)
-        return add(Blob(name, type(layer).__name__, shape, stride, rf))
-
-    def crop(name, src, ref):
-        oy, ox = getattr(model, name).offset
-        if oy + ref.shape[1] > src.shape[1] or ox + ref.shape[2] > src.shape[2]:
-            raise ValueError(f"{name}: offset ({oy}, {ox}) + {ref.shape[1:]} exceeds {src.shape[1:]}")
-        return add(Blob(name, "Crop", (src.shape[0],) + tuple(ref.shape[1:]), src.stride, src.receptive_field,
-                        f"offset {oy}"))
-
-    def fuse(name, a, b):
-        return add(Blob(name, "Add", a.shape, a.stride, max(a.receptive_field, b.receptive_field)))
-
-    def scaled(pool, scale_name):
-        return step(scale_name, pool) if getattr(model, "pool_scales", None) else pool
-
-    cur = data
-    for names in model.stages:                 # conv1_1 ... pool5, fc6 ... drop7
-        for name in names:
-            cur = step(name, cur)
-    score_fr = step("score_fr", cur)
-    if isinstance(model, FCN32s):
-        crop("score", step("upscore", score_fr), data)
-        return blobs
-    upscore2 = step("upscore2", score_fr)
-    score_pool4c = crop("score_pool4c", step("score_pool4", scaled(named["pool4"], "scale_pool4")), upscore2)
-    fuse_pool4 = fuse("fuse_pool4", upscore2, score_pool4c)
-    if isinstance(model, FCN16s):
-        crop("score", step("upscore16", fuse_pool4), data)
-        return blobs
-    upscore_pool4 = step("upscore_pool4", fuse_pool4)
-    score_pool3c = crop("score_pool3c", step("score_pool3", scaled(named["pool3"], "scale_pool3")), upscore_pool4)
-    fuse_pool3 = fuse("fuse_pool3", upscore_pool4, score_pool3c)
-    crop("score", step("upscore8", fuse_pool3), data)
-    return blobs
+    named = {"data": Blob("data", "input", (3, height, width), 1.0, 1.0)}
+    for name, *inputs in model.wiring():
+        layer, src = getattr(model, name), named[inputs[0]]
+        if isinstance(layer, Crop):
+            ref, (oy, ox) = named[inputs[1]], layer.offset
+            if oy + ref.shape[1] > src.shape[1] or ox + ref.shape[2] > src.shape[2]:
+                raise ValueError(f"{name}: offset ({oy}, {ox}) + {ref.shape[1:]} exceeds {src.shape[1:]}")
+            blob = Blob(name, "Crop", (src.shape[0],) + tuple(ref.shape[1:]), src.stride, src.receptive_field,
+                        f"offset {oy}")
+        elif isinstance(layer, Add):
+            other = named[inputs[1]]
+            blob = Blob(name, "Add", src.shape, src.stride, max(src.receptive_field, other.receptive_field))
+        else:
+            shape, stride, rf = _apply(layer, src.shape, src.stride, src.receptive_field)
+            blob = Blob(name, type(layer).__name__, shape, stride, rf)
+        blob.inputs = tuple(inputs)
+        named[name] = blob
+    return list(named.values())
 
 
 def fcn_flops(model, height: int, width: int | None = None, batch: int = 1):
@@ -104,20 +79,12 @@ def fcn_flops(model, height: int, width: int | None = None, batch: int = 1):
     :func:`fcn_blobs` (so padding 100 and ceil pooling are counted as they run).
     """
     blobs = fcn_blobs(model, height, width)
-    flops, previous = {}, blobs[0]
     by_name = {b.name: b for b in blobs}
-    inputs = {"score_pool4": "scale_pool4" if "scale_pool4" in by_name else "pool4",
-              "score_pool3": "scale_pool3" if "scale_pool3" in by_name else "pool3",
-              "upscore2": "score_fr", "upscore": "score_fr", "upscore16": "fuse_pool4",
-              "upscore_pool4": "fuse_pool4", "upscore8": "fuse_pool3"}
+    flops = {}
     for blob in blobs[1:]:
-        source = by_name[inputs[blob.name]] if blob.name in inputs else previous
-        layer = getattr(model, blob.name, None)
-        if isinstance(layer, Conv2d):
-            kh, kw = layer.kernel_size
-            flops[blob.name] = 2 * batch * layer.out_channels * blob.shape[1] * blob.shape[2] * layer.in_channels * kh * kw
-        elif isinstance(layer, ConvTranspose2d):
-            kh, kw = layer.kernel_size
-            flops[blob.name] = 2 * batch * layer.in_channels * source.shape[1] * source.shape[2] * layer.out_channels * kh * kw
-        previous = blob
+        layer, source = getattr(model, blob.name), by_name[blob.inputs[0]]
+        if isinstance(layer, (Conv2d, ConvTranspose2d)):
+            (kh, kw), (_, h, w) = layer.kernel_size, (blob if isinstance(layer, Conv2d) else source).shape
+            # one multiply-add per output pixel of the convolution C (its input, for a transpose), weight entry
+            flops[blob.name] = 2 * batch * layer.in_channels * layer.out_channels * kh * kw * h * w
     return flops

@@ -59,13 +59,27 @@ def load_vgg16_npz(model, path):
     return sorted(converted)
 
 
-def transfer_by_name(source, target, skip=()):
-    """Staged training: copy every parameter ``target`` shares with ``source`` by name
-    and shape (FCN-32s -> FCN-16s -> FCN-8s). Returns the copied names."""
-    src = dict(source.named_parameters())
-    copied = []
+def transfer_state(state, target):
+    """Staged training: copy into ``target`` every array of ``state`` (name -> array) whose name and shape
+    match one of its parameters (FCN-32s -> FCN-16s -> FCN-8s).
+
+    Returns ``(copied, new, mismatched)`` parameter names of ``target``: copied; absent from ``state`` (kept
+    as initialised); present with another shape (kept as initialised).
+    """
+    copied, new, mismatched = [], [], []
     for name, p in target.named_parameters():
-        if name in src and name not in skip and src[name].shape == p.shape:
-            target.load_state_dict({name: src[name].data}, strict=False)
+        if name not in state:
+            new.append(name)
+        elif tuple(state[name].shape) != tuple(p.shape):
+            mismatched.append(name)
+        else:
             copied.append(name)
-    return copied
+    target.load_state_dict({name: state[name] for name in copied}, strict=False)
+    return copied, new, mismatched
+
+
+def transfer_by_name(source, target, skip=()):
+    """:func:`transfer_state` from the parameters of the model ``source``, except those named in ``skip``.
+    Returns the copied names."""
+    state = {name: p.data for name, p in source.named_parameters() if name not in skip}
+    return transfer_state(state, target)[0]

@@ -1,10 +1,11 @@
-"""im2col / col2im: the shared machinery of convolution and transposed convolution.
+"""im2col / col2im: the columns that convolution and transposed convolution share.
 
 ``im2col`` unfolds every receptive field of a padded input into a column, so a
 convolution becomes a matrix product. ``col2im`` is its *adjoint*, not its
 inverse: it adds (``+=``) every column entry back to the input pixel it came
 from, so pixels covered by several windows receive the sum of their
-contributions.
+contributions. The textbook routes of :mod:`minifcn.layers.conv` call
+:func:`im2col` and :func:`col2im` on the whole input.
 
 Layout: columns are ``(N, C * kh * kw, OH * OW)``, the layout of PyTorch's
 ``F.unfold``. Row ``c * kh * kw + i * kw + j`` matches a PyTorch weight
@@ -12,60 +13,82 @@ Layout: columns are ``(N, C * kh * kw, OH * OW)``, the layout of PyTorch's
 ``p * OW + q`` is the output pixel's, so ``W @ cols`` is the convolution's
 output ``(N, out, OH*OW)`` in NCHW order with nothing to transpose.
 
-**Bands.** A convolution need not unfold the whole image at once: output rows
-``r0 .. r1`` of every image depend only on their own columns. The layers
-unfold one *band* of output rows at a time into a scratch buffer small enough
-to stay in cache (:func:`Unfolding.bands`), multiply, and move on. Early FCN
-layers are wide and skinny (conv1_2 of the small model multiplies an 8 x 72
-weight by 540,000 columns): there the unfolded columns would be ten times the
-size of the output, and reading them back from memory instead of cache costs
-more than the product. Products with many output channels are compute-bound
-and run best as one large product, so they get one band (measured). Bands
-are independent: on the CPU, a batch's bands are shared by one thread per
-core (:mod:`minifcn.parallel`), each with its own scratch buffer.
+**Bands** (used by the fast routes, :mod:`minifcn.layers.conv_fast`). Output
+rows ``r0 .. r1`` of every image depend only on their own columns, so a
+convolution may unfold one *band* of output rows at a time into a scratch
+buffer small enough to stay in cache (:meth:`Unfolding.bands`), multiply, and
+move on. Rule (figures in ``benchmarks/RESULTS.md``): products with at most
+``BAND_CHANNELS`` output channels are memory-bound and get bands of about
+``BAND_BYTES``; larger ones are compute-bound and get one band.
 
-Both directions loop over kernel offsets only, each step moving a whole
-strided slice of every image and channel. When the stride divides the kernel
-(``k = m * s``, as in FCN's ``k = 2s`` upsampling) the offsets ``i = a*s + r``
-are taken ``s x s`` at a time through a ``(H/s, s)`` view of the input:
-``m * m`` steps instead of ``k * k`` (4 instead of 4096 for k = 64, s = 32).
+Both :meth:`Unfolding.unfold` and :meth:`Unfolding.fold` loop over kernel
+offsets only, each step moving a whole strided slice of every image and
+channel. ``unfold`` takes the offsets ``s x s`` at a time when the stride
+divides the kernel (``k = m * s``, as in FCN's ``k = 2s`` upsampling), through
+a ``(H/s, s)`` view of the input: ``m * m`` steps instead of ``k * k``;
+``fold`` always takes them one at a time.
+
+Scratch buffers (:func:`workspace`) belong to the thread that asks for them,
+so two user threads, or two band workers, never share one.
 """
 from __future__ import annotations
+
+import threading
+import weakref
 
 import numpy as np
 
 from ..backend import get_array_module
 
 # Bytes of unfolded columns per band, by array module (0: no bands). On the
-# CPU a band should stay in cache (1 MiB L2, 32 MiB L3 here; 4 MiB measured
-# best on the FCN layers, see benchmarks/RESULTS.md); a GPU wants one large
-# product instead.
+# CPU a band should stay in cache; a GPU wants one large product instead.
 BAND_BYTES = {"numpy": 4 << 20, "cupy": 0}
 BAND_CHANNELS = 64         # products with more output channels are compute-bound: one band
 MIN_COPY_BYTES = 64 << 10  # a band moves at least this much per kernel offset
 
-_workspaces = {}
+class _Buffers:
+    """One thread's scratch arrays, ``arrays[(module, dtype, name)]`` (an object a WeakSet can hold)."""
+
+    __slots__ = ("arrays", "__weakref__")
+
+    def __init__(self):
+        self.arrays = {}
+
+
+_local = threading.local()        # .buffers: this thread's _Buffers
+_every_thread = weakref.WeakSet()  # all live threads' _Buffers, for release_workspaces
+_lock = threading.Lock()
 
 
 def workspace(xp, dtype, shape, name="columns"):
-    """A reusable scratch array of ``shape`` (valid until the next call with the same xp, dtype and name).
+    """A reusable scratch array of ``shape``, this thread's own (valid until
+    this thread's next call with the same xp, dtype and name).
 
     Columns live here only between an unfolding and the matrix product that
-    consumes them, so they are allocated once per run instead of once per
-    layer, band and step. (Fresh large arrays are slow: every page is
-    faulted in again.)
+    consumes them, so they are allocated once per thread instead of once per
+    layer, band and step (fresh large arrays are slow: every page is faulted
+    in again). Per thread, because band loops may run from several user
+    threads at once, and each band worker is a thread of its own.
     """
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = _Buffers()
+        with _lock:
+            _every_thread.add(buffers)
     size = int(np.prod(shape))
     key = (xp.__name__, np.dtype(dtype).str, name)
-    buf = _workspaces.get(key)
+    buf = buffers.arrays.get(key)
     if buf is None or buf.size < size:
-        buf = _workspaces[key] = xp.empty(size, dtype=dtype)
+        buf = buffers.arrays[key] = xp.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
 
 
 def release_workspaces() -> None:
-    """Free the scratch buffers (they are re-created on demand)."""
-    _workspaces.clear()
+    """Free every thread's scratch buffers (they are re-created on demand), for
+    example between unrelated jobs in one process; not while a convolution runs."""
+    with _lock:
+        for buffers in _every_thread:
+            buffers.arrays.clear()
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:

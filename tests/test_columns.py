@@ -101,3 +101,22 @@ def test_dtype_is_preserved(rng):
     cols, hw = im2col(x, (3, 3), (2, 2), (1, 1), (1, 1))
     assert cols.dtype == np.float32
     assert col2im(cols, x.shape, (3, 3), (2, 2), (1, 1), (1, 1), hw).dtype == np.float32
+
+
+def test_workspaces_belong_to_their_thread_and_release_frees_all():
+    """Two threads asking for the same scratch buffer get different arrays; the same thread gets
+    its own back; release_workspaces empties every thread's buffers."""
+    import threading
+
+    from minifcn.layers import columns
+
+    mine = columns.workspace(np, np.float64, (4, 5))
+    assert columns.workspace(np, np.float64, (2, 3)).base is mine.base  # reused, not reallocated
+    theirs = []
+    thread = threading.Thread(target=lambda: theirs.append(columns.workspace(np, np.float64, (4, 5))))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(theirs[0], mine)
+    columns.release_workspaces()
+    assert all(not buffers.arrays for buffers in columns._every_thread)
+    assert not np.shares_memory(columns.workspace(np, np.float64, (4, 5)), mine)

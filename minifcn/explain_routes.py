@@ -1,0 +1,168 @@
+"""Which route every layer of an FCN takes, pass by pass, and why: ``minifcn explain routes``.
+
+For every convolution, transposed convolution and max pooling of a model, and
+each of its passes (forward, input gradient, weight gradient), the table names
+the operation the layer runs (a transposed convolution's forward is its
+convolution's input gradient), the route :func:`minifcn.routes.select` picks for
+that geometry in the current mode, the route's one-line reason and the FLOPs
+(a multiply-add is 2; for pooling, one comparison per window element). The
+geometry comes from the model's declared wiring (:func:`minifcn.models.trace.fcn_blobs`)
+and each layer's own ``route_facts``, the very facts its ``forward`` and
+``backward`` hand to ``select``: a test spies on the route functions during a
+training step and finds exactly the routes of this table. The SGD update is
+the last row. ReLU, Dropout, Crop and Add have one implementation each.
+
+With ``time=True`` each pass is run with random inputs by its textbook route
+and by the route the fast mode picks, and both medians are reported.
+"""
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import optim, routes  # noqa: F401 (optim registers the SGD update routes)
+from .backend import get_array_module
+from .layers import Conv2d, ConvTranspose2d, MaxPool2d
+
+PASSES = ("forward", "input grad", "weight grad")
+
+
+@dataclass
+class RouteRow:
+    """One pass of one layer (or the SGD update): what runs, why, its cost."""
+
+    layer: str
+    kind: str            # Conv2d, ConvTranspose2d, MaxPool2d, SGD
+    pass_name: str       # forward, input grad, weight grad, update
+    operation: str | None  # None: the pass is not computed (then ``reason`` says why)
+    route: str
+    reason: str
+    input_shape: tuple   # (N, C, H, W) of the layer's input (SGD: (parameter count,))
+    flops: int
+    textbook_ms: float | None = None
+    fast_ms: float | None = None
+
+
+def _flops(operation, layer, facts):
+    if operation.startswith("conv_"):
+        u, cout = facts
+        return 2 * u.x_shape[0] * cout * u.out_hw[0] * u.out_hw[1] * u.rows
+    out = layer.output_shape(facts[0])
+    return int(np.prod(out)) * layer.kernel_size[0] * layer.kernel_size[1]
+
+
+def _median_ms(call, repeats):
+    call()  # warm-up: buffers, BLAS threads
+    times = []
+    for _ in range(repeats):
+        start = _time.perf_counter()
+        call()
+        times.append(_time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _conv_call(operation, route, facts, dtype, rng):
+    """A call of ``route.fn`` on random arrays of the geometry ``facts`` (the convolution C's)."""
+    u, cout = facts
+    weight = rng.standard_normal((cout, u.x_shape[1], *u.kernel)).astype(dtype)
+    x = rng.standard_normal(u.x_shape).astype(dtype)
+    dy = rng.standard_normal((u.x_shape[0], cout, *u.out_hw)).astype(dtype)
+    geometry = (u.stride, u.padding, u.dilation)
+    if operation == "conv_forward":
+        return lambda: route.fn(x, weight, *geometry, u.out_hw)
+    if operation == "conv_input_grad":
+        return lambda: route.fn(dy, weight, u.x_shape, *geometry)
+    grad = np.zeros(weight.shape, dtype)
+    return lambda: route.fn(dy, x, weight.shape, *geometry, accumulate=grad)
+
+
+def _pool_call(pass_name, layer, x_shape, dtype, rng):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    if pass_name == "forward":
+        return lambda: layer.forward(x)
+    dy = rng.standard_normal(layer(x).shape).astype(dtype)
+    return lambda: layer.backward(dy)
+
+
+def _timings(row, layer, facts, dtype, repeats, rng):
+    """(textbook ms, fast ms) of one pass."""
+    if row.kind == "MaxPool2d":
+        call = _pool_call(row.pass_name, layer, row.input_shape, dtype, rng)
+        out = []
+        for name in ("textbook", "fast"):
+            with routes.route(name):
+                out.append(_median_ms(call, repeats))
+        return tuple(out)
+    with routes.route("fast"):
+        fast = routes.select(row.operation, *facts)
+    return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng), repeats)
+                 for r in (routes.textbook(row.operation), fast))
+
+
+def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_classes=21, model=None,
+                training=True, time=False, repeats=3, seed=0):
+    """The routes of every layer and pass of an FCN on a ``batch x 3 x size x size`` input.
+
+    Args:
+        model_name, model_width, num_classes: the model to build (or pass ``model``).
+        training: as a training step runs it (``model.input_grad = False``: conv1_1
+            computes no input gradient); False lists every input gradient.
+        time: also measure each pass by its textbook and its fast route (``repeats`` runs, median).
+    Returns:
+        a list of :class:`RouteRow`, layers in forward order, the SGD update last.
+    """
+    from .models import build_model  # noqa: PLC0415 (explanations sit above the models)
+    from .models.trace import fcn_blobs  # noqa: PLC0415
+
+    if model is None:
+        model = build_model(model_name, num_classes=num_classes, width=model_width)
+    if training:
+        model.input_grad = False
+    dtype = model.conv1_1.weight.data.dtype
+    rng = np.random.default_rng(seed)
+    blobs = fcn_blobs(model, size, size)
+    shapes = {b.name: (batch, *b.shape) for b in blobs}
+    rows = []
+    for blob in blobs[1:]:
+        layer = getattr(model, blob.name)
+        if not isinstance(layer, (Conv2d, ConvTranspose2d, MaxPool2d)):
+            continue
+        x_shape = shapes[blob.inputs[0]]
+        for pass_name, (operation, facts) in layer.route_facts(x_shape).items():
+            if operation is None:
+                rows.append(RouteRow(blob.name, type(layer).__name__, pass_name, None, "-", f"not computed: {facts}",
+                                     x_shape, 0))
+                continue
+            chosen = routes.select(operation, *facts)
+            reason = chosen.reason if routes.mode() == "fast" else f"textbook mode: {chosen.reason}"
+            row = RouteRow(blob.name, type(layer).__name__, pass_name, operation, chosen.name, reason, x_shape,
+                           _flops(operation, layer, facts))
+            if time:
+                row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng)
+            rows.append(row)
+    size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
+    chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)
+    rows.append(RouteRow("(all)", "SGD", "update", "sgd_update", chosen.name, chosen.reason, (size_all,),
+                         6 * size_all))
+    return rows
+
+
+def format_route_table(rows) -> str:
+    """:func:`route_table` rows as aligned text."""
+    timed = any(r.textbook_ms is not None for r in rows)
+    header = ["layer", "pass", "route", "MFLOP"] + (["textbook ms", "fast ms", "ratio"] if timed else []) + ["reason"]
+    table = [header]
+    for r in rows:
+        cells = [r.layer, r.pass_name, r.route, f"{r.flops / 1e6:.1f}" if r.flops else "-"]
+        if timed:
+            if r.textbook_ms is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [f"{r.textbook_ms:.2f}", f"{r.fast_ms:.2f}", f"{r.textbook_ms / max(r.fast_ms, 1e-9):.2f}"]
+        table.append(cells + [r.reason])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The fast routes of convolution: the same three maps as :mod:`minifcn.layers.conv`, computed faster.
+
+Each route is a named function registered with :func:`minifcn.routes.register`,
+with the rule that says where it may run and the reason it is chosen there.
+``minifcn.routes.select`` tries them in the order below and falls back to the
+textbook route; ``MINIFCN_ROUTE=textbook`` turns them all off, and
+``minifcn explain routes`` shows which one each layer takes. The tests check
+every route against the textbook one on random geometries.
+
+Every rule receives the *facts* of the convolution ``C`` being computed or
+transposed: its :class:`~minifcn.layers.columns.Unfolding` ``u`` (input shape
+and geometry) and its number of output channels ``cout``.
+
+Convolution forward ``y = C x``:
+  ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
+  ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads
+Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
+  ``pointwise``       1x1, stride 1, no padding: one product, no col2im
+  ``flipped-kernel``  stride 1: a convolution of dy with the flipped kernel
+  ``sub-pixel``       the stride divides the kernel: a stride-1 convolution, then depth to space
+  ``bands-col2im``    the product and col2im band by band of output rows
+Weight gradient ``dW = dy . cols^T``:
+  ``bands``           im2col band by band, per-thread partial sums, the product in the faster orientation
+
+Rules of thumb behind the thresholds are stated where they are used; the
+measurements that led to them are in ``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..parallel import run_bands, workers_for
+from ..routes import register, run
+from ._checks import check_accumulate
+from .columns import Unfolding, workspace
+
+FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
+
+
+def conv_facts(x_shape, weight_shape, stride, padding, dilation, out_hw=None):
+    """The facts a convolution route's rule reads: (Unfolding of the input, output channels)."""
+    return Unfolding(x_shape, weight_shape[2:], stride, padding, dilation, out_hw), int(weight_shape[0])
+
+
+# --------------------------------------------------------------------------- forward: y = C x
+
+@register(FORWARD, "space-to-depth",
+          applies=lambda u, cout: u.blocked and cout < u.x_shape[1] * u.stride[0] * u.stride[1],
+          reason="stride divides kernel, Cout < Cin*s*s: space to depth, one product, m*m shifted sums")
+def forward_by_blocks(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x`` when the stride divides the kernel (``k = m*s``, dilation 1), without im2col.
+
+    Cut the padded input into s x s blocks and stack each block's pixels as
+    channels (space to depth): ``S[n, (c, r, t), P, Q] = xpad[n, c, P*s + r, Q*s + t]``.
+    Kernel offset ``(a*s + r, e*s + t)`` of output pixel (P, Q) reads pixel
+    (r, t) of block (P + a, Q + e), so::
+
+        y[n, o, P, Q] = sum_{a, e < m} Z[n, (a, e, o), P + a, Q + e]
+        Z = W_blocks @ S,   W_blocks[(a, e, o), (c, r, t)] = W[o, c, a*s + r, e*s + t]
+
+    one product for every block and offset, then m*m shifted sums of small
+    arrays. Columns would hold ``Cin*s*s*m*m`` numbers per output pixel, Z
+    only ``m*m*Cout``: for upscore8's backward (21 -> 21 channels, s = 8)
+    that is 5376 against 84. The adjoint of :func:`input_grad_by_blocks`.
+    """
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    n, cin = u.x_shape[:2]
+    (kh, kw), (sh, sw) = weight.shape[2:], u.stride
+    mh, mw = kh // sh, kw // sw
+    oh, ow = u.out_hw
+    blocks = u.blocks(u.pad(x))                                  # (N, Cin, HS, s, WS, s)
+    hs, ws = blocks.shape[2], blocks.shape[4]                    # HS >= OH + m - 1
+    s2d = xp.ascontiguousarray(blocks.transpose(0, 1, 3, 5, 2, 4)).reshape(n, cin * sh * sw, hs * ws)
+    w_blocks = xp.ascontiguousarray(
+        weight.reshape(cout, cin, mh, sh, mw, sw).transpose(2, 4, 0, 1, 3, 5)).reshape(mh * mw * cout, -1)
+    z = xp.matmul(w_blocks, s2d).reshape(n, mh, mw, cout, hs, ws)
+    y = z[:, 0, 0, :, :oh, :ow].copy()
+    for a in range(mh):
+        for e in range(mw):
+            if a or e:
+                y += z[:, a, e, :, a:a + oh, e:e + ow]
+    if bias is not None:
+        y += bias.reshape(1, cout, 1, 1)
+    return y
+
+
+@register(FORWARD, "bands", reason="im2col and one product per band of output rows (cache-sized bands "
+                                   "when Cout <= 64, else one), bands shared by CPU threads")
+def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x (+ b)``: for each band of output rows, im2col into this thread's scratch buffer, then one product."""
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    n = x.shape[0]
+    oh, ow = u.out_hw
+    w2 = weight.reshape(cout, -1)                          # (Cout, Cin*kh*kw)
+    y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
+    y3 = y.reshape(n, cout, oh * ow)
+    xpad = u.pad(x)
+
+    def one_band(worker, r0, r1):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+        band = y3[:, :, r0 * ow:r1 * ow]                   # output rows r0..r1 of every image, in place
+        xp.matmul(w2, cols, out=band)
+        if bias is not None:                               # added while the band is in cache
+            band += bias.reshape(cout, 1)
+
+    bands = list(u.bands(xp, x.itemsize, cout))
+    run_bands(bands, one_band, workers_for(xp, len(bands), n))
+    return y
+
+
+# --------------------------------------------------------------------------- input gradient: dx = C^T dy
+
+@register(INPUT_GRAD, "pointwise", applies=lambda u, cout: u.pointwise,
+          reason="1x1, stride 1, no padding: dx = W^T dy, the columns are dx itself")
+def input_grad_pointwise(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy`` of a 1x1 convolution: one product ``W^T dy`` and no col2im."""
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    return xp.matmul(weight.reshape(cout, -1).T, dy.reshape(n, cout, oh * ow)).reshape(x_shape)
+
+
+def _full_padding(u):
+    """Padding that turns a stride-1 convolution's output back into its input size: d(k-1) - p."""
+    return tuple((k - 1) * d - p for k, d, p in zip(u.kernel, u.dilation, u.padding))
+
+
+def flipped_kernel_applies(u, cout=None):
+    """Stride 1, dy reaches every input pixel (not past an output_padding), and
+    the input has no more pixels than dy (not fc6's 7x7 on a small map, where
+    the flipped convolution would multiply mostly padding)."""
+    (h, w), (oh, ow) = u.x_shape[2:], u.out_hw
+    full = _full_padding(u)
+    return (u.stride == (1, 1) and min(full) >= 0
+            and (oh + full[0] - u.padding[0], ow + full[1] - u.padding[1]) == (h, w) and h * w <= oh * ow)
+
+
+@register(INPUT_GRAD, "flipped-kernel", applies=flipped_kernel_applies,
+          reason="stride 1, dy covers the input: a convolution of dy with the flipped kernel (no col2im)")
+def input_grad_by_flipped_kernel(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy`` at stride 1: itself a convolution.
+
+    dy padded by ``d(k-1) - p`` and correlated with the kernel flipped in space
+    and with in/out channels swapped::
+
+        dx[n, c, y, x] = sum_{o,i,j} W[o, c, kh-1-i, kw-1-j] * dypad[n, o, y + i*dh, x + j*dw]
+
+    An im2col of dy and a product with Cin rows replace the product with only
+    Cout inner terms (slow in BLAS when Cout is small) and the kh*kw
+    read-modify-write passes of col2im.
+    """
+    xp = get_array_module(dy)
+    u, _ = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    flipped = xp.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (Cin, Cout, kh, kw)
+    geometry = ((1, 1), _full_padding(u), u.dilation, tuple(x_shape[2:]))
+    return run(FORWARD, conv_facts(dy.shape, flipped.shape, *geometry), dy, flipped, *geometry)
+
+
+@register(INPUT_GRAD, "sub-pixel", applies=lambda u, cout: u.blocked,
+          reason="stride divides kernel (k = m*s): a stride-1 m x m convolution, then depth to space")
+def input_grad_by_blocks(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy`` when the stride divides the kernel (``k = m*s``, dilation 1): a sub-pixel convolution.
+
+    Padded input pixel ``(P*s + r, Q*s + t)`` (0 <= r, t < s) collects
+    ``dy[o, P - a, Q - e] * W[o, c, a*s + r, e*s + t]`` over ``a, e < m``. So
+    each s x s block of the input gradient is one pixel of a stride-1
+    convolution of dy (padded by m - 1, kernel m x m flipped) with
+    ``Cin * s * s`` output channels ``(c, r, t)``, and a depth-to-space
+    reshuffle lays those channels out as the block's pixels. For FCN's
+    upsampling (k = 2s) that is a 2x2 convolution and one copy, instead of
+    k*k overlapping strided adds.
+    """
+    xp = get_array_module(dy)
+    u, _ = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    n, cout, oh, ow = dy.shape
+    cin, (kh, kw), (sh, sw) = weight.shape[1], weight.shape[2:], u.stride
+    mh, mw = kh // sh, kw // sw
+    # blocked[(c, r, t), o, a', e'] = W[o, c, (m-1-a')*s + r, (m-1-e')*s + t]
+    blocked = weight.reshape(cout, cin, mh, sh, mw, sw)[:, :, ::-1, :, ::-1, :]
+    blocked = xp.ascontiguousarray(blocked.transpose(1, 3, 5, 0, 2, 4)).reshape(cin * sh * sw, cout, mh, mw)
+    geometry = ((1, 1), (mh - 1, mw - 1), (1, 1))
+    per_block = run(FORWARD, conv_facts(dy.shape, blocked.shape, *geometry), dy, blocked, *geometry)
+    hb, wb = per_block.shape[2:]                                               # HB = OH + m - 1
+    gpad = u.zeros(xp, dy.dtype, blocked=True)
+    # depth to space: block (P, Q) of channel c gets per_block[n, (c, r, t), P, Q] at pixel (r, t)
+    u.blocks(gpad)[:, :, :hb, :, :wb, :] = per_block.reshape(n, cin, sh, sw, hb, wb).transpose(0, 1, 4, 2, 5, 3)
+    return u.crop(gpad)
+
+
+@register(INPUT_GRAD, "bands-col2im", reason="no shortcut for this geometry: W^T dy and col2im band by band "
+                                             "of output rows (cache-sized bands when Cout <= 64)")
+def input_grad_by_bands(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy``: for each band of output rows, the columns' gradient ``W^T dy``, added back by col2im."""
+    xp = get_array_module(dy)
+    u, cout = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    n, _, oh, ow = dy.shape
+    wt = weight.reshape(cout, -1).T                        # (Cin*kh*kw, Cout)
+    dy3 = dy.reshape(n, cout, oh * ow)
+    gpad = u.zeros(xp, dy.dtype)
+    for r0, r1 in u.bands(xp, dy.itemsize, cout):
+        dcols = workspace(xp, dy.dtype, u.band_shape(r0, r1))
+        xp.matmul(wt, dy3[:, :, r0 * ow:r1 * ow], out=dcols)  # (N, Cin*kh*kw, band)
+        u.fold(dcols, gpad, r0, r1)
+    return u.crop(gpad)
+
+
+# --------------------------------------------------------------------------- weight gradient: dW = dy . cols^T
+
+@register(WEIGHT_GRAD, "bands", reason="im2col band by band, one partial sum per CPU thread, "
+                                       "the product in the orientation BLAS runs faster")
+def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+    """``dW += sum over bands of dy_band . cols_band^T``, bands shared by threads, summed in worker order."""
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, (oh, ow))
+    accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv_weight_grad")
+    dw = accumulate.reshape(cout, u.rows)  # a view, so the += below lands in accumulate
+    dy3 = dy.reshape(n, cout, oh * ow)
+    xpad = u.pad(x)
+    bands = list(u.bands(xp, x.itemsize, cout))
+    workers = workers_for(xp, len(bands), n)
+    partial = [dw] + [xp.zeros_like(dw) for _ in range(workers - 1)]  # worker 0 adds straight into dw
+
+    def one_band(worker, r0, r1):
+        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+        _add_products(partial[worker], dy3[:, :, r0 * ow:r1 * ow], cols)
+
+    run_bands(bands, one_band, workers)
+    for extra in partial[1:]:
+        dw += extra
+    return accumulate
+
+
+def _add_products(dw, dy3, cols):
+    """dw (Cout, K) += sum_n dy3[n] @ cols[n]^T, for dy3 (N, Cout, L) and cols (N, K, L)."""
+    xp = get_array_module(dw)
+    n, cout, length = dy3.shape
+    k = cols.shape[1]
+    if length >= k and length >= cout:
+        # Many positions (early layers): OpenBLAS runs cols @ dy^T faster than
+        # dy @ cols^T, and the (N, K, Cout) results are small.
+        dw += xp.matmul(cols, dy3.transpose(0, 2, 1)).sum(axis=0).T
+        return
+    # Few positions, large weight (fc6: 4096 x 25088): one product over the
+    # batch folded into the positions (copies of small arrays when N > 1),
+    # into a reused buffer the size of the weight, then one add.
+    dy2 = dy3.transpose(1, 0, 2).reshape(cout, n * length)
+    cols2 = cols.transpose(1, 0, 2).reshape(k, n * length)
+    dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))

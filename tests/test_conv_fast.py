@@ -1,0 +1,122 @@
+"""The fast convolution routes against the textbook ones, on random geometries, in float64.
+
+For each of Conv2d and ConvTranspose2d, 72 random geometries (biased towards
+the cases the fast routes exist for: 1x1, stride 1, stride dividing the
+kernel), each with forward, input gradient and weight gradient computed under
+``route("textbook")`` and ``route("fast")``: they agree to 1e-10 relative.
+Every fast route is exercised, and each fast route function called on its own
+agrees with the textbook function wherever its rule applies.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from minifcn import route, routes
+from minifcn.layers import Conv2d, ConvTranspose2d, columns
+from minifcn.layers.conv_fast import FORWARD, INPUT_GRAD, WEIGHT_GRAD
+
+SWEEP = 72
+TOL = 1e-10
+
+
+def random_geometry(rng):
+    """kernel, stride, padding, dilation (pairs), batch, channels in/out, input side of the convolution C."""
+    kind = rng.choice(["pointwise", "stride1", "blocked", "any"])
+    if kind == "pointwise":
+        k, s, p, d = (1, 1), (1, 1), (0, 0), (1, 1)
+    elif kind == "stride1":
+        k = tuple(int(v) for v in rng.integers(1, 6, 2))
+        s, d = (1, 1), tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(rng.integers(0, kk * dd // 2 + 1)) for kk, dd in zip(k, d))
+    elif kind == "blocked":
+        s = tuple(int(v) for v in rng.integers(2, 5, 2))
+        k = tuple(int(ss * rng.integers(1, 4)) for ss in s)
+        p, d = tuple(int(rng.integers(0, kk // 2 + 1)) for kk in k), (1, 1)
+    else:
+        k = tuple(int(v) for v in rng.integers(1, 6, 2))
+        s, d = tuple(int(v) for v in rng.integers(1, 4, 2)), tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(rng.integers(0, kk * dd // 2 + 1)) for kk, dd in zip(k, d))
+    span = [dd * (kk - 1) + 1 for kk, dd in zip(k, d)]
+    hw = tuple(int(max(1, sp - 2 * pp) + rng.integers(0, 9)) for sp, pp in zip(span, p))
+    n, cin, cout = int(rng.integers(1, 4)), int(rng.integers(1, 6)), int(rng.integers(1, 6))
+    return k, s, p, d, n, cin, cout, hw
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def _passes(layer, x, dy):
+    layer.zero_grad()
+    y = layer(x)
+    dx = layer.backward(dy)
+    return {"forward": y, "input grad": dx, "weight grad": layer.weight.grad.copy(), "bias grad": layer.bias.grad.copy()}
+
+
+@pytest.mark.parametrize("which", ["Conv2d", "ConvTranspose2d"])
+def test_fast_routes_agree_with_the_textbook_on_random_geometries(which, monkeypatch):
+    # small bands, so the band loops really cut the images (and share them between threads)
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 512)
+    monkeypatch.setattr(columns, "MIN_COPY_BYTES", 64)
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "2")
+    rng = np.random.default_rng(12 if which == "Conv2d" else 13)
+    taken = Counter()
+    for case in range(SWEEP):
+        k, s, p, d, n, cin, cout, hw = random_geometry(rng)
+        conv = Conv2d(cin, cout, k, s, p, d, dtype=np.float64, rng=case)
+        conv_out = conv.output_shape((n, cin, *hw))
+        if which == "Conv2d":
+            layer, x_shape = conv, (n, cin, *hw)
+        else:  # the transpose of that convolution, with the output_padding that returns to hw
+            natural = ConvTranspose2d(cout, cin, k, s, p, dilation=d).output_shape(conv_out)
+            op = tuple(h - nat for h, nat in zip(hw, natural[2:]))
+            layer = ConvTranspose2d(cout, cin, k, s, p, op, d, dtype=np.float64, rng=case)
+            x_shape = conv_out
+        x = rng.standard_normal(x_shape)
+        dy = rng.standard_normal(layer.output_shape(x_shape))
+        with route("fast"):
+            for name, (op_name, facts) in layer.route_facts(x_shape).items():
+                taken[(op_name, routes.select(op_name, *facts).name)] += 1
+            fast = _passes(layer, x, dy)
+        with route("textbook"):
+            textbook = _passes(layer, x, dy)
+        label = f"case {case}: {which} k{k} s{s} p{p} d{d} n{n} c{cin}->{cout} {x_shape}"
+        for key in fast:
+            assert _rel(fast[key], textbook[key]) < TOL, f"{label} {key}"
+    for op in (FORWARD, INPUT_GRAD, WEIGHT_GRAD):  # each layer's passes reach every fast route
+        for r in routes.routes(op)[:-1]:
+            assert taken[(op, r.name)] >= 3, (op, r.name, taken)
+
+
+@pytest.mark.parametrize("op", [FORWARD, INPUT_GRAD, WEIGHT_GRAD])
+def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op):
+    """Call every fast route's own function (not through select) on geometries where its rule holds."""
+    from minifcn.layers.conv_fast import conv_facts
+
+    rng = np.random.default_rng(21)
+    textbook = routes.textbook(op)
+    checked = Counter()
+    for _ in range(150):
+        k, s, p, d, n, cin, cout, hw = random_geometry(rng)
+        x_shape, w_shape = (n, cin, *hw), (cout, cin, *k)
+        facts = conv_facts(x_shape, w_shape, s, p, d)
+        u = facts[0]
+        if min(u.out_hw) < 1:
+            continue
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        dy = rng.standard_normal((n, cout, *u.out_hw))
+        if op == FORWARD:
+            args = (x, w, s, p, d, None, rng.standard_normal(cout))
+        elif op == INPUT_GRAD:
+            args = (dy, w, x_shape, s, p, d)
+        else:
+            args = (dy, x, w_shape, s, p, d)
+        want = textbook.fn(*args)
+        for r in routes.routes(op)[:-1]:
+            if r.applies(*facts):
+                assert _rel(r.fn(*args), want) < TOL, (r.name, k, s, p, d, x_shape, w_shape)
+                checked[r.name] += 1
+    assert all(checked[r.name] >= 5 for r in routes.routes(op)[:-1]), checked
