@@ -21,10 +21,11 @@ QUIET = dict(progress=False, num_preview=2)
 
 
 def tiny_fcn(out, **kw):
-    """FCN-8s at width 1/32 on 4 shapes images of 16x16, batch 2 (2 steps an epoch), dropout on.
-    (Padding 100 makes even a 16x16 image a 214x214 convolution.)"""
+    """FCN-8s at width 1/32 on 4 shapes images of 16x16, batch 2 (2 steps an epoch), dropout on, no warm-up
+    (the default's 100 steps would span the whole run). (Padding 100 makes even a 16x16 image a 214x214
+    convolution.)"""
     cfg = dict(model="fcn8s", width=1 / 32, image_size=16, train_images=4, val_images=2, batch_size=2,
-               epochs=2, lr=0.02, dropout=0.5, seed=3, out=str(out), progress=False, num_preview=1)
+               epochs=2, lr=0.02, warmup=0, dropout=0.5, seed=3, out=str(out), progress=False, num_preview=1)
     cfg.update(kw)
     return TrainConfig(**cfg)
 
