@@ -81,10 +81,11 @@ def test_bench_fcn_recipe_runner_is_the_training_defaults():
     assert int(runner.labels.max()) < 6
 
 
-def test_bench_shifted_conv_prototypes_agree_with_the_current_route():
-    """The script raises if a shifted-products prototype differs from conv2d_* (band heights 7: a ragged last band)."""
+def test_bench_shifted_conv_routes_agree_with_the_textbook_route():
+    """The script raises if a shifted route differs from the textbook one (bands of 100 KiB: a ragged last band)."""
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_shifted_conv.py"), "--layers", "conv1_2,conv2_1",
-                           "--rows", "7,0", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--band-kib", "100,0", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("conv")]
     assert len(rows) == 2 * 3 * 3 and all(float(r[-2]) > 0 for r in rows)  # 2 layers x 3 passes x 3 routes

@@ -2,7 +2,7 @@
 
 For each of Conv2d and ConvTranspose2d, 72 random geometries (biased towards
 the cases the fast routes exist for: 1x1, stride 1, stride dividing the
-kernel), each with forward, input gradient and weight gradient computed under
+kernel, stride 1 with 4 to 8 channels), each with forward, input gradient and weight gradient computed under
 ``route("textbook")`` and ``route("fast")``: they agree to 1e-10 relative.
 Every fast route is exercised, and each fast route function called on its own
 agrees with the textbook function wherever its rule applies.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from minifcn import route, routes
-from minifcn.layers import Conv2d, ConvTranspose2d, columns
+from minifcn.layers import Conv2d, ConvTranspose2d, columns, conv_fast
 from minifcn.layers.conv_fast import FORWARD, INPUT_GRAD, WEIGHT_GRAD
 
 SWEEP = 72
@@ -24,7 +24,14 @@ TOL = 1e-10
 
 def random_geometry(rng):
     """kernel, stride, padding, dilation (pairs), batch, channels in/out, input side of the convolution C."""
-    kind = rng.choice(["pointwise", "stride1", "blocked", "any"])
+    kind = rng.choice(["pointwise", "stride1", "blocked", "any", "shifted"])
+    if kind == "shifted":  # the ``shifted`` routes' geometry: stride 1, 4 to 8 channels (conv1_2 has 8 -> 8)
+        k = (int(rng.integers(2, 6)), int(rng.integers(1, 6)))[::int(rng.choice([1, -1]))]
+        s, d = (1, 1), tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(rng.integers(0, kk * dd // 2 + 1)) for kk, dd in zip(k, d))
+        span = [dd * (kk - 1) + 1 for kk, dd in zip(k, d)]
+        hw = tuple(int(max(1, sp - 2 * pp) + rng.integers(0, 14)) for sp, pp in zip(span, p))
+        return k, s, p, d, int(rng.integers(1, 4)), int(rng.integers(4, 9)), int(rng.integers(1, 9)), hw
     if kind == "pointwise":
         k, s, p, d = (1, 1), (1, 1), (0, 0), (1, 1)
     elif kind == "stride1":
@@ -61,6 +68,7 @@ def test_fast_routes_agree_with_the_textbook_on_random_geometries(which, monkeyp
     # small bands, so the band loops really cut the images (and share them between threads)
     monkeypatch.setitem(columns.BAND_BYTES, "numpy", 512)
     monkeypatch.setattr(columns, "MIN_COPY_BYTES", 64)
+    monkeypatch.setitem(conv_fast.SHIFTED_BAND_BYTES, "numpy", 1024)
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "2")
     rng = np.random.default_rng(12 if which == "Conv2d" else 13)
     taken = Counter()
@@ -120,3 +128,42 @@ def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op):
                 assert _rel(r.fn(*args), want) < TOL, (r.name, k, s, p, d, x_shape, w_shape)
                 checked[r.name] += 1
     assert all(checked[r.name] >= 5 for r in routes.routes(op)[:-1]), checked
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, TOL), (np.float32, 1e-5)])
+def test_shifted_routes_equal_the_textbook_in_both_dtypes(dtype, tol, monkeypatch):
+    """conv1_2's geometry (8 -> 8, 3x3, padding 1) and odd ones, with and without bands, float64 and float32."""
+    rng = np.random.default_rng(31)
+    cases = [((2, 8, 37, 29), (8, 8, 3, 3), (1, 1), (1, 1)), ((1, 5, 20, 23), (3, 5, 2, 4), (0, 2), (2, 1)),
+             ((3, 12, 11, 9), (8, 12, 3, 1), (1, 0), (1, 2)), ((2, 3, 9, 14), (6, 3, 3, 3), (1, 1), (1, 1))]
+    checked = Counter()
+    for budget in (0, 2048):  # one band, then bands of a few rows
+        monkeypatch.setitem(conv_fast.SHIFTED_BAND_BYTES, "numpy", budget)
+        for x_shape, w_shape, p, d in cases:
+            x, w = rng.standard_normal(x_shape).astype(dtype), rng.standard_normal(w_shape).astype(dtype)
+            b = rng.standard_normal(w_shape[0]).astype(dtype)
+            facts = conv_fast.conv_facts(x_shape, w_shape, (1, 1), p, d)
+            dy = rng.standard_normal((x_shape[0], w_shape[0], *facts[0].out_hw)).astype(dtype)
+            label = (budget, x_shape, w_shape, p, d)
+            if routes.select(FORWARD, *facts).name == "shifted":
+                got = conv_fast.forward_by_shifted_products(x, w, (1, 1), p, d, None, b)
+                want = routes.textbook(FORWARD).fn(x, w, (1, 1), p, d, None, b)
+                assert got.dtype == dtype and _rel(got, want) < tol, label
+                checked[FORWARD] += 1
+            if routes.select(WEIGHT_GRAD, *facts).name == "shifted":
+                acc = rng.standard_normal(w_shape).astype(dtype)
+                want = routes.textbook(WEIGHT_GRAD).fn(dy, x, w_shape, (1, 1), p, d, accumulate=acc.copy())
+                got = conv_fast.weight_grad_by_shifted_products(dy, x, w_shape, (1, 1), p, d, accumulate=acc.copy())
+                assert got.dtype == dtype and _rel(got, want) < tol, label
+                checked[WEIGHT_GRAD] += 1
+    assert checked == {FORWARD: 6, WEIGHT_GRAD: 6}, checked
+
+
+def test_shifted_forward_cuts_to_out_hw():
+    """A transposed convolution's backward asks for fewer output rows and columns than the natural size."""
+    rng = np.random.default_rng(32)
+    x, w = rng.standard_normal((2, 6, 12, 10)), rng.standard_normal((7, 6, 3, 3))
+    facts = conv_fast.conv_facts(x.shape, w.shape, (1, 1), (1, 1), (1, 1), (9, 8))
+    assert routes.select(FORWARD, *facts).name == "shifted"
+    want = routes.textbook(FORWARD).fn(x, w, (1, 1), (1, 1), (1, 1), (9, 8))
+    assert _rel(conv_fast.forward_by_shifted_products(x, w, (1, 1), (1, 1), (1, 1), (9, 8)), want) < TOL

@@ -6,6 +6,7 @@ geometry they ran on, against the table, in the fast and the textbook mode.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -98,7 +99,8 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
     if mode == "textbook":
         assert names == {"textbook", "-"}
     else:  # FCN-8s takes every kind of fast route somewhere
-        assert {"bands", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces", "chunked"} <= names
+        assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
+                "chunked"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
     assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad")}
 
@@ -145,3 +147,12 @@ def test_cli_explain_routes(capsys, monkeypatch):
     assert main(["explain", "routes", "--model", "fcn16s", "--size", "48", "--width", "0.0625"]) == 0
     out = capsys.readouterr().out
     assert "sub-pixel" not in out and "textbook mode: one product W^T dy, then col2im" in out
+
+
+def test_cli_names_the_shifted_routes_for_conv1_2(capsys, monkeypatch):
+    """The README's training model: conv1_2 (8 -> 8 at 328 x 328) takes the shifted products."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")
+    assert main(["explain", "routes", "--model", "fcn8s", "--size", "128", "--width", "0.125"]) == 0
+    cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()]
+    routes_of = {row[1]: row[2] for row in cells if row[0] == "conv1_2"}  # pass -> route
+    assert routes_of == {"forward": "shifted", "input grad": "flipped-kernel", "weight grad": "shifted"}, routes_of

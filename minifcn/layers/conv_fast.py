@@ -13,6 +13,7 @@ and geometry) and its number of output channels ``cout``.
 
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
+  ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
   ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads
 Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``pointwise``       1x1, stride 1, no padding: one product, no col2im
@@ -20,6 +21,7 @@ Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``sub-pixel``       the stride divides the kernel: a stride-1 convolution, then depth to space
   ``bands-col2im``    the product and col2im band by band of output rows
 Weight gradient ``dW = dy . cols^T``:
+  ``shifted``         stride 1, at most 8 channels in and 8 out: k*k products of shifted slices, no columns
   ``bands``           im2col band by band, per-thread partial sums, the product in the faster orientation
 
 Rules of thumb behind the thresholds are stated where they are used; the
@@ -34,6 +36,11 @@ from ._checks import check_accumulate
 from .columns import Unfolding, workspace
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
+
+# Bytes of padded input (all images and channels) per band of the ``shifted``
+# routes, by array module (0: one band). A band's k*k slices and its sums
+# should stay in L2, not L3 as the columns of ``bands`` do.
+SHIFTED_BAND_BYTES = {"numpy": 320 << 10, "cupy": 0}
 
 
 def conv_facts(x_shape, weight_shape, stride, padding, dilation, out_hw=None):
@@ -81,6 +88,96 @@ def forward_by_blocks(x, weight, stride, padding, dilation, out_hw=None, bias=No
                 y += z[:, a, e, :, a:a + oh, e:e + ow]
     if bias is not None:
         y += bias.reshape(1, cout, 1, 1)
+    return y
+
+
+# --------------------------------------------------------------------------- shifted products (stride 1)
+#
+# At stride 1, output pixel (p, q) reads padded pixels (p + i*dh, q + j*dw).
+# Computed on the padded width Wp (the last OW..Wp-1 columns of each output row
+# are junk, never kept), the pixels kernel offset (i, j) reads for output rows
+# r0..r1 are ONE contiguous slice of the flattened padded input:
+#     xflat[n, c, r0*Wp + off : r1*Wp + off],   off = i*dh*Wp + j*dw
+# so a convolution is k*k products of (Cout, Cin) matrices with such slices,
+# and no column buffer (Cin*kh*kw times the input) is ever written. Rule
+# (figures in benchmarks/RESULTS.md, "shifted products"): it wins where the
+# products are skinny: at most 8 output channels (conv1_2 of the small FCN, and
+# the 16 -> 8 flipped convolution of conv2_1's input gradient). With 3 input
+# channels (conv1_1) the forward's k*k products are too thin; with 16 output
+# channels (conv2_1) the columns' one product is the faster.
+
+def shifted_applies(u, cout, most_in, most_out, least_in=1):
+    """Stride 1, a kernel larger than 1x1, ``least_in <= Cin <= most_in`` and ``Cout <= most_out``."""
+    return (u.stride == (1, 1) and u.kernel != (1, 1) and least_in <= u.x_shape[1] <= most_in
+            and cout <= most_out)
+
+
+def _flat_padded(x, u):
+    """x zero-padded and flattened: (N, C, Hp*Wp + dw*(kw-1)), and Wp. The zero tail
+    lets the last kernel offset's slice run to the end of the last (junk) columns."""
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    (ph, pw), (hp, wp) = u.padding, (h + 2 * u.padding[0], w + 2 * u.padding[1])
+    flat = xp.zeros((n, c, hp * wp + u.dilation[1] * (u.kernel[1] - 1)), dtype=x.dtype)
+    flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, ph:ph + h, pw:pw + w] = x
+    return flat, wp
+
+
+def _taps(u, wp):
+    """(i, j, off) for every kernel offset: its slice starts ``off`` after the band's first padded pixel."""
+    (kh, kw), (dh, dw) = u.kernel, u.dilation
+    return [(i, j, i * dh * wp + j * dw) for i in range(kh) for j in range(kw)]
+
+
+def _shifted_bands(u, xp, itemsize, wp):
+    """Bands (r0, r1) of output rows with about ``SHIFTED_BAND_BYTES`` of padded input each."""
+    n, c = u.x_shape[:2]
+    oh = u.out_hw[0]
+    budget = SHIFTED_BAND_BYTES.get(xp.__name__, 0)
+    step = oh if budget <= 0 else max(1, budget // (n * c * wp * itemsize))
+    return [(r0, min(oh, r0 + step)) for r0 in range(0, oh, step)]
+
+
+@register(FORWARD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 16, 8, least_in=4),
+          reason="stride 1, 4-16 channels in, <= 8 out: k*k products of contiguous shifted slices "
+                 "on the padded width, no columns")
+def forward_by_shifted_products(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x (+ b)`` at stride 1 as a sum of k*k products of shifted slices, band by band of output rows.
+
+    Inputs: x (N, Cin, H, W), weight (Cout, Cin, kh, kw), stride (1, 1), padding and
+    dilation pairs, out_hw an optional (OH, OW) at most the natural size, bias (Cout,).
+    Returns: y (N, Cout, OH, OW). With ``xflat`` the padded input flattened to
+    (N, Cin, Hp*Wp + tail) and the output computed on the padded width Wp::
+
+        ywide[n, :, l] = sum_{i,j} W[:, :, i, j] @ xflat[n, :, l + i*dh*Wp + j*dw],   l = p*Wp + q
+
+    and ``y[n, o, p, q] = ywide[n, o, p*Wp + q]`` for q < OW (+ b[o]). Each band of
+    rows is summed in this thread's scratch buffer, then copied out while in cache.
+    """
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    n = x.shape[0]
+    oh, ow = u.out_hw
+    xflat, wp = _flat_padded(x, u)
+    taps = [(xp.ascontiguousarray(weight[:, :, i, j]), off) for i, j, off in _taps(u, wp)]  # (Cout, Cin) each
+    y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
+
+    def one_band(worker, r0, r1):
+        length = (r1 - r0) * wp
+        wide = workspace(xp, x.dtype, (n, cout, length), "shifted sum")
+        term = workspace(xp, x.dtype, (n, cout, length), "shifted term")
+        for t, (w_ij, off) in enumerate(taps):
+            src = xflat[:, :, r0 * wp + off:r0 * wp + off + length]   # (N, Cin, band * Wp), contiguous rows
+            xp.matmul(w_ij, src, out=wide if t == 0 else term)
+            if t:
+                wide += term
+        band = y[:, :, r0:r1]
+        band[...] = wide.reshape(n, cout, r1 - r0, wp)[:, :, :, :ow]  # the junk columns stay behind
+        if bias is not None:
+            band += bias.reshape(cout, 1, 1)
+
+    bands = _shifted_bands(u, xp, x.itemsize, wp)
+    run_bands(bands, one_band, workers_for(xp, len(bands), n))
     return y
 
 
@@ -205,6 +302,49 @@ def input_grad_by_bands(dy, weight, x_shape, stride, padding, dilation):
 
 
 # --------------------------------------------------------------------------- weight gradient: dW = dy . cols^T
+
+@register(WEIGHT_GRAD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 8, 8),
+          reason="stride 1, <= 8 channels in, <= 8 out: dW[:, :, i, j] = dy times a shifted slice, "
+                 "on the padded width, no columns")
+def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+    """``dW += dy . cols^T`` at stride 1 as k*k products with shifted slices, band by band of output rows.
+
+    Inputs: dy (N, Cout, OH, OW), x (N, Cin, H, W), weight_shape (Cout, Cin, kh, kw),
+    stride (1, 1); ``accumulate`` as for the textbook route. Returns: dW (Cout, Cin, kh, kw).
+    With dy written on the padded width Wp (``dywide``, zeros in the junk columns
+    q >= OW) and ``xflat`` as in :func:`forward_by_shifted_products`::
+
+        dW[:, :, i, j] = sum_{n, l} dywide[n, :, l] xflat[n, :, l + i*dh*Wp + j*dw]^T
+
+    Per-thread partial sums, added in worker order (as the ``bands`` route does).
+    """
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, (oh, ow))
+    accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv_weight_grad")
+    cin, (kh, kw) = u.x_shape[1], u.kernel
+    xflat, wp = _flat_padded(x, u)
+    taps = _taps(u, wp)
+    bands = _shifted_bands(u, xp, x.itemsize, wp)
+    workers = workers_for(xp, len(bands), n)
+    partial = [xp.zeros((kh * kw, cout, cin), dtype=dy.dtype) for _ in range(workers)]
+
+    def one_band(worker, r0, r1):
+        length = (r1 - r0) * wp
+        wide = workspace(xp, dy.dtype, (n, cout, r1 - r0, wp), "shifted dy")
+        wide[:, :, :, :ow] = dy[:, :, r0:r1]
+        wide[:, :, :, ow:] = 0                                       # junk columns contribute nothing
+        wide = wide.reshape(n, cout, length)
+        for t, (_, _, off) in enumerate(taps):
+            src = xflat[:, :, r0 * wp + off:r0 * wp + off + length]  # (N, Cin, band * Wp)
+            partial[worker][t] += xp.matmul(wide, src.transpose(0, 2, 1)).sum(axis=0)
+
+    run_bands(bands, one_band, workers)
+    for extra in partial[1:]:
+        partial[0] += extra
+    accumulate += partial[0].reshape(kh, kw, cout, cin).transpose(2, 3, 0, 1)
+    return accumulate
+
 
 @register(WEIGHT_GRAD, "bands", reason="im2col band by band, one partial sum per CPU thread, "
                                        "the product in the orientation BLAS runs faster")
