@@ -133,6 +133,7 @@ def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op):
 @pytest.mark.parametrize("dtype,tol", [(np.float64, TOL), (np.float32, 1e-5)])
 def test_shifted_routes_equal_the_textbook_in_both_dtypes(dtype, tol, monkeypatch):
     """conv1_2's geometry (8 -> 8, 3x3, padding 1) and odd ones, with and without bands, float64 and float32."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # select() names the route the fast mode takes
     rng = np.random.default_rng(31)
     cases = [((2, 8, 37, 29), (8, 8, 3, 3), (1, 1), (1, 1)), ((1, 5, 20, 23), (3, 5, 2, 4), (0, 2), (2, 1)),
              ((3, 12, 11, 9), (8, 12, 3, 1), (1, 0), (1, 2)), ((2, 3, 9, 14), (6, 3, 3, 3), (1, 1), (1, 1))]
@@ -159,8 +160,9 @@ def test_shifted_routes_equal_the_textbook_in_both_dtypes(dtype, tol, monkeypatc
     assert checked == {FORWARD: 6, WEIGHT_GRAD: 6}, checked
 
 
-def test_shifted_forward_cuts_to_out_hw():
+def test_shifted_forward_cuts_to_out_hw(monkeypatch):
     """A transposed convolution's backward asks for fewer output rows and columns than the natural size."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")
     rng = np.random.default_rng(32)
     x, w = rng.standard_normal((2, 6, 12, 10)), rng.standard_normal((7, 6, 3, 3))
     facts = conv_fast.conv_facts(x.shape, w.shape, (1, 1), (1, 1), (1, 1), (9, 8))
