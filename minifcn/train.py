@@ -74,10 +74,10 @@ class TrainConfig:
     """Everything a run depends on; saved in every checkpoint.
 
     The defaults train a small FCN-8s (width 0.125, 2.1 M parameters) from
-    scratch on the built-in ``shapes`` dataset in under ten minutes on a
-    2-core CPU: 128 x 128 images, batch 1, 6 epochs, per-pixel mean loss with
-    lr 0.01 and poly decay (the recipe search, warm-up included, is in
-    benchmarks/RESULTS.md), learned 2x upsampling (the CVPR recipe), no
+    scratch on the built-in ``shapes`` dataset in minutes on a 2-core CPU:
+    128 x 128 images, batch 1, 6 epochs, per-pixel mean loss with lr 0.01 and
+    poly decay (times and scores per processor, and the recipe search, warm-up
+    included, are in benchmarks/RESULTS.md), learned 2x upsampling (the CVPR recipe), no
     dropout (a small model trained from scratch for minutes learns faster without it; the model's own default
     stays the reference's 0.5).
     """
