@@ -129,13 +129,13 @@ def cmd_train(args):
 def cmd_eval(args):
     from .data import DataLoader, IMAGENET_MEAN_RGB, validate_dataset  # noqa: PLC0415
     from .metrics import format_scores  # noqa: PLC0415
-    from .train import TrainConfig, dataset_for_checkpoint, evaluate, load_model, strict_json  # noqa: PLC0415
+    from .train import TrainConfig, dataset_for_checkpoint, eval_batch_size, evaluate, load_model, strict_json  # noqa: PLC0415
 
     model, meta = load_model(args.checkpoint, args.device or "cpu")
     cfg = TrainConfig.from_dict(meta["config"])
     name, dataset = dataset_for_checkpoint(meta, args.dataset, args.data_dir, args.split, args.checkpoint)
     validate_dataset(dataset, meta["num_classes"])
-    loader = DataLoader(dataset, 1, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
+    loader = DataLoader(dataset, eval_batch_size(name), mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
     scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu")
     if args.json:
         print(strict_json(scores))  # NaN (a class absent from the split) as null

@@ -222,6 +222,13 @@ def labels_of(logits):
     return logits.argmax(axis=1)
 
 
+def eval_batch_size(dataset: str) -> int:
+    """Images per forward pass when scoring: 8 for ``shapes`` (its images share one size, and a batch
+    lets the convolution bands run on every core: benchmarks/RESULTS.md), 1 for datasets whose images
+    may differ in size (VOC, folders). Predictions do not depend on it."""
+    return 8 if dataset == "shapes" else 1
+
+
 def evaluate(model, loader, num_classes: int, device: str = "cpu", comm=None):
     """Accumulate one confusion matrix over the whole loader; returns ``scores()`` of it.
 
@@ -572,8 +579,7 @@ def _train(cfg: TrainConfig, device, log, comm):
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, crop_size=cfg.crop_size,
                               flip=cfg.flip, drop_last=len(train_set) >= comm.size * cfg.batch_size,
                               **loader_kw, **shards)
-    val_loader = DataLoader(val_set, cfg.batch_size if cfg.crop_size is None and cfg.dataset == "shapes" else 1,
-                            **loader_kw, **shards)
+    val_loader = DataLoader(val_set, eval_batch_size(cfg.dataset), **loader_kw, **shards)
     schedule = make_schedule(cfg.schedule, cfg.lr, max(1, cfg.epochs * len(train_loader)), power=cfg.poly_power,
                              warmup=cfg.warmup)
 

@@ -24,7 +24,13 @@ TOL = 1e-10
 
 def random_geometry(rng):
     """kernel, stride, padding, dilation (pairs), batch, channels in/out, input side of the convolution C."""
-    kind = rng.choice(["pointwise", "stride1", "blocked", "any", "shifted"])
+    kind = rng.choice(["pointwise", "stride1", "blocked", "any", "shifted", "padded"])
+    if kind == "padded":  # padding past the kernel's reach on some side (conv1_1's 100): the ``padding-core`` routes
+        k = tuple(int(v) for v in rng.integers(1, 5, 2))
+        s, d = tuple(int(v) for v in rng.integers(1, 4, 2)), tuple(int(v) for v in rng.integers(1, 3, 2))
+        p = tuple(int(dd * (kk - 1) + rng.integers(0, 7)) for kk, dd in zip(k, d))
+        hw = tuple(int(v) for v in rng.integers(1, 9, 2))
+        return k, s, p, d, int(rng.integers(1, 4)), int(rng.integers(1, 6)), int(rng.integers(1, 6)), hw
     if kind == "shifted":  # the ``shifted`` routes' geometry: stride 1, 4 to 8 channels (conv1_2 has 8 -> 8)
         k = (int(rng.integers(2, 6)), int(rng.integers(1, 6)))[::int(rng.choice([1, -1]))]
         s, d = (1, 1), tuple(int(v) for v in rng.integers(1, 3, 2))

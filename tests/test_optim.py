@@ -92,10 +92,10 @@ def test_frozen_parameters_are_left_alone():
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_update_equals_the_formula(nesterov, dtype, device):
-    """On the CPU a parameter of 2^20 + 12345 elements is updated in two chunks, a small one in
+    """On the CPU a parameter of 3 chunks + 12345 elements is updated chunk by chunk, a small one in
     one; on the GPU each in one fused kernel. All must equal the textbook formula on whole arrays."""
     rng = np.random.default_rng(0)
-    sizes = (1 << 20) + 12345, 1000
+    sizes = 3 * optim_module._CHUNK + 12345, 1000
     params = [Parameter(to_device(rng.standard_normal(s).astype(dtype), device), lr_mult=m, decay_mult=d)
               for s, m, d in zip(sizes, (1.0, 2.0), (1.0, 0.0))]
     fast = "chunked" if device == "cpu" else "fused"

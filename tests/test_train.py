@@ -113,6 +113,23 @@ def test_checkpoint_rebuilds_the_trained_model(learned):
     assert scores["mean_iu"] == pytest.approx(history[-1]["mean_iu"])
 
 
+def test_scores_do_not_depend_on_the_evaluation_batch(learned):
+    """Scoring in batches of eval_batch_size (what train and eval use for shapes) gives the scores of
+    one image at a time: a batch mixes no images up and drops none (16 images: not a multiple of 3)."""
+    cfg, _, out, _ = learned
+    model, meta = load_model(out / "checkpoint.npz")
+    from minifcn.data import IMAGENET_MEAN_RGB, DataLoader  # noqa: PLC0415
+    from minifcn.train import eval_batch_size, evaluate  # noqa: PLC0415
+
+    assert eval_batch_size("shapes") > 1 and eval_batch_size("folder") == eval_batch_size("voc") == 1
+    val = get_dataset("shapes", split="val", num_images=cfg.val_images, image_size=cfg.image_size, seed=cfg.seed)
+    scores = [evaluate(model, DataLoader(val, b, mean=IMAGENET_MEAN_RGB, scale=cfg.input_scale), meta["num_classes"])
+              for b in (1, 3, eval_batch_size("shapes"))]
+    for other in scores[1:]:
+        assert other["pixel_acc"] == pytest.approx(scores[0]["pixel_acc"], abs=1e-5)
+        assert other["per_class_iu"] == pytest.approx(scores[0]["per_class_iu"], abs=1e-4, nan_ok=True)
+
+
 def test_one_epoch_on_each_device(tmp_path, device):
     """train(..., device=...) runs on the GPU as on the CPU: the model lives there, its checkpoint
     loads back on either device, and the scores are finite."""

@@ -14,6 +14,8 @@ class ReLU(Module):
 
     Shapes: any -> same. ``inplace=True`` overwrites the input (saves memory
     when the caller no longer needs it, as in a plain chain of layers).
+    One route (on the CPU, large arrays cut into one piece per core); loop
+    twins: :func:`minifcn.reference.relu`, :func:`minifcn.reference.relu_backward`.
     """
 
     def __init__(self, inplace: bool = False):
@@ -103,6 +105,9 @@ class Dropout(Module):
     * CuPy inputs with ``host_masks=True``: by ``rng`` on the host, then
       copied: the same masks on either device (CPU/GPU comparisons), at the
       cost of a host draw and a copy each forward.
+
+    Loop twins (given the mask): :func:`minifcn.reference.dropout`,
+    :func:`minifcn.reference.dropout_backward`.
     """
 
     def __init__(self, p: float = 0.5, seed=None, host_masks: bool = False):

@@ -11,6 +11,10 @@ Every rule receives the *facts* of the convolution ``C`` being computed or
 transposed: its :class:`~minifcn.layers.columns.Unfolding` ``u`` (input shape
 and geometry) and its number of output channels ``cout``.
 
+Every op, first:
+  ``padding-core``    most outputs see only padding (FCN's conv1_1, padded by 100): those are the bias
+                      (forward) or contribute nothing (gradients); the rest is a convolution of the
+                      core window with less padding, by the best route for it
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
@@ -33,7 +37,7 @@ from ..backend import get_array_module
 from ..parallel import run_bands, workers_for
 from ..routes import register, run
 from ._checks import check_accumulate
-from .columns import Unfolding, workspace
+from .columns import Unfolding, conv_output_size, workspace
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
 
@@ -46,6 +50,93 @@ SHIFTED_BAND_BYTES = {"numpy": 320 << 10, "cupy": 0}
 def conv_facts(x_shape, weight_shape, stride, padding, dilation, out_hw=None):
     """The facts a convolution route's rule reads: (Unfolding of the input, output channels)."""
     return Unfolding(x_shape, weight_shape[2:], stride, padding, dilation, out_hw), int(weight_shape[0])
+
+
+# --------------------------------------------------------------------------- outputs that see only padding
+#
+# Along one axis, output o reads padded positions o*s + i*d (i < k); the input
+# sits at p .. p+H-1. Outputs before o0 = ceil((p - d(k-1)) / s) or from
+# o1 = floor((p + H - 1) / s) + 1 on read zeros only: in the forward they are the
+# bias, and in both gradients they contribute nothing. The outputs o0 .. o1-1
+# are themselves a convolution of x with padding p - o0*s (and o1 - o0 outputs).
+# FCN's conv1_1 (padding 100, 3x3) on a 128 x 128 image: 130 x 130 of its
+# 326 x 326 outputs see the image.
+
+CORE_MAX_FRACTION = 0.75  # the route pays where at most this share of the outputs sees the input
+
+
+def _core_axis(size, kernel, stride, padding, dilation, out):
+    """(o0, o1, reduced padding) of one axis, or None where the reduced convolution cannot express it."""
+    o0 = max(0, -(-(padding - dilation * (kernel - 1)) // stride))
+    o0 = min(o0, padding // stride)             # the reduced padding p - o0*s stays >= 0
+    o1 = min(out, (padding + size - 1) // stride + 1)
+    reduced = padding - o0 * stride
+    if o1 <= o0 or conv_output_size(size, kernel, stride, reduced, dilation) < o1 - o0:
+        return None
+    return o0, o1, reduced
+
+
+def padding_core(u):
+    """``((r0, r1), (c0, c1), reduced padding)``: the window of outputs of ``u`` that see its input, or None."""
+    axes = [_core_axis(size, k, s, p, d, out) for size, k, s, p, d, out in
+            zip(u.x_shape[2:], u.kernel, u.stride, u.padding, u.dilation, u.out_hw)]
+    if None in axes:
+        return None
+    (r0, r1, ph), (c0, c1, pw) = axes
+    return (r0, r1), (c0, c1), (ph, pw)
+
+
+def core_applies(u, cout=None):
+    """The outputs that see the input are at most ``CORE_MAX_FRACTION`` of all."""
+    core = padding_core(u)
+    if core is None:
+        return False
+    (r0, r1), (c0, c1), _ = core
+    return (r1 - r0) * (c1 - c0) <= CORE_MAX_FRACTION * u.out_hw[0] * u.out_hw[1]
+
+
+_CORE_REASON = "most outputs see only padding: the core window by the best route for it, with less padding"
+
+
+@register(FORWARD, "padding-core", applies=core_applies, reason=_CORE_REASON + "; the rest is the bias")
+def forward_on_core(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x (+ b)`` where most outputs read only zero padding: those are ``b`` (or 0), the core is computed.
+
+    y[:, :, r0:r1, c0:c1] is the convolution of x with padding reduced by the
+    core's offset (``padding_core``), by whichever route applies to that geometry.
+    """
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    (r0, r1), (c0, c1), reduced = padding_core(u)
+    y = xp.empty((x.shape[0], cout, *u.out_hw), dtype=x.dtype)
+    y[...] = 0 if bias is None else bias.reshape(1, cout, 1, 1)
+    geometry = (u.stride, reduced, u.dilation, (r1 - r0, c1 - c0))
+    y[:, :, r0:r1, c0:c1] = run(FORWARD, conv_facts(x.shape, weight.shape, *geometry), x, weight, *geometry, bias=bias)
+    return y
+
+
+@register(INPUT_GRAD, "padding-core", applies=core_applies, reason=_CORE_REASON + "; the rest adds nothing")
+def input_grad_on_core(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy`` where most of dy sits on outputs that read only padding: only the core of dy reaches x."""
+    xp = get_array_module(dy)
+    u, _ = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    (r0, r1), (c0, c1), reduced = padding_core(u)
+    core = xp.ascontiguousarray(dy[:, :, r0:r1, c0:c1])
+    geometry = (u.stride, reduced, u.dilation)
+    return run(INPUT_GRAD, conv_facts(x_shape, weight.shape, *geometry, core.shape[2:]),
+               core, weight, x_shape, *geometry)
+
+
+@register(WEIGHT_GRAD, "padding-core", applies=core_applies, reason=_CORE_REASON + "; the rest adds nothing")
+def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+    """``dW += dy . cols^T`` where most columns are all zero padding: only the core of dy counts."""
+    xp = get_array_module(dy)
+    u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:])
+    (r0, r1), (c0, c1), reduced = padding_core(u)
+    core = xp.ascontiguousarray(dy[:, :, r0:r1, c0:c1])
+    geometry = (u.stride, reduced, u.dilation)
+    return run(WEIGHT_GRAD, conv_facts(x.shape, weight_shape, *geometry, core.shape[2:]),
+               core, x, weight_shape, *geometry, accumulate=accumulate)
 
 
 # --------------------------------------------------------------------------- forward: y = C x

@@ -87,6 +87,7 @@ class SoftmaxCrossEntropy(Module):
             of the counted pixels' weights (PyTorch's convention).
 
     Inputs: logits (N, C, H, W) float; labels (N, H, W) integer.
+    Loop twins: :func:`minifcn.reference.softmax_cross_entropy` and its ``_backward``.
     """
 
     def __init__(self, ignore_index: int | None = 255, reduction: str = "mean", class_weight=None):
@@ -153,6 +154,7 @@ class SigmoidBinaryCrossEntropy(Module):
     Inputs: logits (N, 1, H, W); targets (N, H, W) or (N, 1, H, W): integer
     0 or 1, or float in [0, 1] (soft targets, as in PyTorch and Keras); pixels
     equal to ignore_index are not counted. Reduction 'mean' over counted pixels or 'sum'.
+    Loop twins: :func:`minifcn.reference.sigmoid_bce` and its ``_backward``.
     """
 
     def __init__(self, reduction: str = "mean", ignore_index: int | None = 255):
