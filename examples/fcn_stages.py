@@ -36,11 +36,12 @@ def train_model(args):
     """Train an FCN-8s (width 0.125) on shapes; returns the path of its best checkpoint."""
     if args.quick:  # the pipeline in seconds; the model is untrained and its picture meaningless
         cfg = TrainConfig(model="fcn8s", width=0.125, out=args.run_dir, epochs=1, image_size=48, train_images=4,
-                          val_images=2, batch_size=2, num_preview=1, progress=False, dropout=0.0)
+                          val_images=2, batch_size=2, num_preview=1, progress=False, dropout=0.0,
+                          overwrite=args.overwrite)
     else:
         cfg = TrainConfig(model="fcn8s", width=0.125, out=args.run_dir, epochs=args.epochs,
                           image_size=args.image_size, train_images=args.train_images, val_images=16, batch_size=4,
-                          lr=args.lr, dropout=0.0, progress=True)
+                          lr=args.lr, dropout=0.0, progress=True, overwrite=args.overwrite)
     start = time.perf_counter()
     history = train(cfg)
     print(f"trained in {time.perf_counter() - start:.0f} s; last epoch: mean IU {history[-1]['mean_iu']:.3f}")
@@ -67,6 +68,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", default=None,
                         help="where the training run is written (default: runs/examples/fcn_stages-run, "
                              "with --quick ...-quick)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier run in --run-dir")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=320)
     parser.add_argument("--lr", type=float, default=0.03)

@@ -37,12 +37,12 @@ STAGES = (("fcn32s", 4, 0.01), ("fcn16s", 2, 0.005), ("fcn8s", 2, 0.005))
 QUICK = dict(width=1 / 32, image_size=32, train_images=4, val_images=2, batch_size=2, num_preview=1)
 
 
-def train_stages(out, quick):
+def train_stages(out, quick, overwrite=False):
     """Train the three stages into out/<model>/; returns their best.npz paths."""
     paths, previous = [], None
     for model, epochs, lr in STAGES:
         cfg = TrainConfig(model=model, epochs=1 if quick else epochs, lr=lr, out=os.path.join(out, model),
-                          init_from=previous, progress=not quick, **(QUICK if quick else {}))
+                          init_from=previous, progress=not quick, overwrite=overwrite, **(QUICK if quick else {}))
         start = time.perf_counter()
         history = train(cfg)
         print(f"{model}: trained in {time.perf_counter() - start:.0f} s, last epoch mean IU {history[-1]['mean_iu']:.3f}")
@@ -63,12 +63,13 @@ def main(argv=None):
                         help="folder of the three runs and the figure (default: runs/examples/staged, "
                              "with --quick runs/examples/staged-quick)")
     parser.add_argument("--from-runs", action="store_true", help="train nothing: draw the runs already in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run files of earlier runs in --out")
     parser.add_argument("--images", type=int, default=4, help="held-out images in the figure")
     args = parser.parse_args(argv)
     out = args.out or ("runs/examples/staged-quick" if args.quick else "runs/examples/staged")
 
     paths = ([os.path.join(out, m, "best.npz") for m, _, _ in STAGES] if args.from_runs
-             else train_stages(out, args.quick))
+             else train_stages(out, args.quick, args.overwrite))
     models = [load_model(p) for p in paths]
     cfgs = [TrainConfig.from_dict(meta["config"]) for _, meta in models]
     for (model, meta), cfg, (name, _, _) in zip(models, cfgs, STAGES):

@@ -38,17 +38,19 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="default: TrainConfig's (quick: 1)")
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--device", default="cpu", help="cpu or gpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier run in --out")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = "runs/examples/train_fcn_shapes" + ("-quick" if args.quick else "")
 
     d = TrainConfig()
     cfg = TrainConfig(model=args.model, width=args.width, out=args.out, device=args.device,
-                      epochs=args.epochs or d.epochs, lr=args.lr or d.lr, progress=not args.quick)
+                      epochs=args.epochs or d.epochs, lr=args.lr or d.lr, progress=not args.quick,
+                      overwrite=args.overwrite)
     if args.quick:  # seconds, not minutes: the loop, the checkpoints and the pictures, not a useful model
         cfg = TrainConfig(model=args.model, width=args.width, out=args.out, device=args.device,
                           epochs=args.epochs or 1, lr=args.lr or d.lr, image_size=48, train_images=4,
-                          val_images=2, batch_size=2, num_preview=2, progress=False)
+                          val_images=2, batch_size=2, num_preview=2, progress=False, overwrite=args.overwrite)
     start = time.perf_counter()
     history = train(cfg)
     last = history[-1]

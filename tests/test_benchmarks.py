@@ -179,3 +179,12 @@ def test_bench_saved_input_quick_prints_its_table():
     for row in ("training step, inputs checked", "training step, unchecked", "SavedInput + check, all inputs",
                 "full sums, forward and backward"):
         assert row in proc.stdout
+
+
+def test_bench_step_sizes_prints_one_row_per_case():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_step_sizes.py"), "--sides", "48,32",
+                           "--batches", "1,2", "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if " x " in line and line.split()[0].isdigit()]
+    assert [" ".join(r[:3]) for r in rows] == ["1 x 48^2", "1 x 32^2", "2 x 48^2", "2 x 32^2"]
+    assert float(rows[0][-1]) == 1.0 and all(float(r[3]) > 0 for r in rows)

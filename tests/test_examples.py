@@ -112,6 +112,20 @@ def test_train_fcn_shapes(tmp_path):
     assert (run / "best.npz").is_file() and (run / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("name,folder_option", [("train_fcn_shapes.py", "--out"), ("staged_training.py", "--out"),
+                                                ("fcn_stages.py", "--run-dir")])
+def test_examples_run_again_only_with_overwrite(name, folder_option, tmp_path):
+    """A second run into the same folder is refused (the first run's files are kept) and names --overwrite,
+    which the example itself accepts."""
+    args = [folder_option, str(tmp_path / "run")] + (["--out", str(tmp_path)] if name == "fcn_stages.py" else [])
+    run_example(name, *args)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MINIFCN_DEVICE="cpu")
+    again = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "--overwrite" in again.stderr, again.stderr[-2000:]
+    run_example(name, *args, "--overwrite")
+
+
 def test_fcn_stages(tmp_path):
     out = run_example("fcn_stages.py", "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"))
     assert "trained in" in out
