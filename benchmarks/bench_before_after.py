@@ -52,7 +52,7 @@ def training_step(package: str, batch_size: int, image_size: int, batches: int =
         model.input_grad = False
     opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = train.make_loss(model, cfg.reduction)
-    loader = train.DataLoader(train_set, cfg.batch_size, shuffle=True, seed=0, crop_size=cfg.crop_size,
+    loader = train.DataLoader(train_set, cfg.batch_size, shuffle=True, seed=0, crop_size=train.training_crop(cfg) if hasattr(train, "training_crop") else cfg.crop_size,
                               flip=cfg.flip, drop_last=True, mean=train.IMAGENET_MEAN_RGB, bgr=cfg.bgr,
                               scale=cfg.input_scale)
     data = [b for _, b in zip(range(batches), loader.epoch(0))]

@@ -4,7 +4,7 @@ Cases (float32): full-width FCN-8s (VGG16, 134 M parameters) at 1x3x224x224
 and 1x3x500x500, a small FCN-8s (width 0.125) at 8x3x64x64, and ``recipe``:
 the model, batch, loss and SGD of ``minifcn train``'s defaults (taken from
 ``TrainConfig`` and the training code: today width 0.125, 6 classes, learned
-2x upsampling, no dropout, 1x3x128x128). When PyTorch is installed the same
+2x upsampling, no dropout, 1x3x96x96: a training crop of the 128 x 128 images). When PyTorch is installed the same
 architecture runs in the same process, interleaved round by round with
 minifcn, and the table shows both medians and the ratio. With
 ``--processes N`` each framework is also timed alone in its own process, N
@@ -57,7 +57,7 @@ from minifcn.layers import SoftmaxCrossEntropy  # noqa: E402
 from minifcn.models import FCN8s  # noqa: E402
 from minifcn.models.trace import fcn_flops  # noqa: E402
 from minifcn.optim import SGD  # noqa: E402
-from minifcn.train import TrainConfig, build_from_config, make_datasets, make_loss  # noqa: E402
+from minifcn.train import TrainConfig, build_from_config, make_datasets, make_loss, training_crop  # noqa: E402
 
 CASES = {  # name: (width, batch, side); "recipe" takes all three from TrainConfig
     "224": (1.0, 1, 224),
@@ -71,10 +71,10 @@ PROCESS_TIMES = ("forward", "forward_backward", "step", "sgd")
 
 
 def case_geometry(case):
-    """(width, batch, side) of a case."""
+    """(width, batch, side) of a case; ``recipe``'s side is that of the training crops (or images)."""
     if CASES[case] is None:
         cfg = TrainConfig()
-        return cfg.width, cfg.batch_size, cfg.image_size
+        return cfg.width, cfg.batch_size, training_crop(cfg) or cfg.image_size
     return CASES[case]
 
 

@@ -69,7 +69,9 @@ def _add_train(sub):
     p.add_argument("--train-images", type=int, default=d.train_images, help="shapes: training images")
     p.add_argument("--val-images", type=int, default=d.val_images, help="shapes: held-out images")
     p.add_argument("--crop-size", type=int, default=None,
-                   help="random crops of this side, needed for batches of VOC (default: none, whole images)")
+                   help="train on random crops of this side (needed for batches of VOC); 0: whole images "
+                        "(default: the dataset's, minifcn.train.TRAINING_CROPS: 96 for shapes, whole images "
+                        "otherwise; held-out images are scored whole)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--input-scale", type=float, default=d.input_scale, help="multiplier after mean subtraction")
     p.add_argument("--class-weight", choices=("none", "balanced", "sqrt-balanced"), default=d.class_weight,

@@ -58,7 +58,7 @@ def test_bench_fcn_recipe_case_in_one_process_and_in_separate_processes():
     lines = proc.stdout.splitlines()
     split = next(i for i, line in enumerate(lines) if line.startswith("Each framework alone in its own process"))
     for table in (lines[:split], lines[split:]):  # interleaved in one process, then one process per framework
-        rows = [line.split() for line in table if line.startswith("recipe (1x3x128x128, width 0.125)")]
+        rows = [line.split() for line in table if line.startswith("recipe (1x3x96x96, width 0.125)")]  # a training crop
         assert [r[4] for r in rows] == ["forward", "forward+backward", "step", "sgd"]
         assert all(float(r[5]) > 0 and r[6] == "-" for r in rows)
 
@@ -66,12 +66,13 @@ def test_bench_fcn_recipe_case_in_one_process_and_in_separate_processes():
 def test_bench_fcn_recipe_runner_is_the_training_defaults():
     import bench_fcn  # noqa: PLC0415
 
-    from minifcn.train import TrainConfig  # noqa: PLC0415
+    from minifcn.train import TrainConfig, training_crop  # noqa: PLC0415
 
     assert "recipe" in bench_fcn.DEFAULT_CASES.split(",")
     cfg = TrainConfig()
     runner = bench_fcn.MinifcnRunner("recipe")
-    assert runner.x.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    side = training_crop(cfg) or cfg.image_size  # what a training step sees
+    assert runner.x.shape == (cfg.batch_size, 3, side, side)
     assert runner.model.num_classes == 6 and runner.model.width == cfg.width
     assert runner.model.learn_upsampling == cfg.learn_upsampling and runner.model.upscore2.weight.trainable
     assert all(m.p == cfg.dropout for _, m in runner.model.named_modules() if type(m).__name__ == "Dropout")

@@ -101,6 +101,40 @@ def test_run_folder(learned):
     assert any("epoch 6/6" in line for line in logs)
 
 
+def test_training_crop_is_decided_in_one_place():
+    """shapes images larger than TRAINING_CROPS' side train on crops of it; smaller ones, other datasets
+    and --crop-size 0 train whole; an explicit side wins; a negative one is refused naming the option."""
+    from minifcn.train import TRAINING_CROPS, check_config, training_crop  # noqa: PLC0415
+
+    side = TRAINING_CROPS["shapes"]
+    assert training_crop(TrainConfig()) == side < TrainConfig().image_size
+    assert training_crop(TrainConfig(image_size=side)) is None
+    assert training_crop(TrainConfig(crop_size=0)) is None
+    assert training_crop(TrainConfig(crop_size=64)) == 64
+    assert training_crop(TrainConfig(dataset="folder", data_dir="x")) is None
+    with pytest.raises(ValueError, match=r"crop_size \(--crop-size\) must be .* got -1"):
+        check_config(TrainConfig(crop_size=-1))
+
+
+def test_default_shapes_run_trains_on_crops_and_scores_whole_images(tmp_path, monkeypatch):
+    """The loader of the training images gets the training crop, the held-out loader none; the log says so."""
+    seen = []
+    real = train_module.DataLoader
+
+    def spy(dataset, *args, **kwargs):
+        seen.append((dataset.split, kwargs.get("crop_size")))
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "DataLoader", spy)
+    logs = []
+    train(tiny_fcn(tmp_path / "a", epochs=1, image_size=40), log=logs.append)
+    monkeypatch.setitem(train_module.TRAINING_CROPS, "shapes", 24)
+    train(tiny_fcn(tmp_path / "b", epochs=1, image_size=40), log=logs.append)
+    assert seen[:2] == [("train", None), ("val", None)]  # 40 x 40 images <= 96: whole
+    assert ("train", 24) in seen[2:] and ("val", None) in seen[2:]
+    assert "training on random 24 x 24 crops, scored whole" in "\n".join(logs)
+
+
 def test_checkpoint_rebuilds_the_trained_model(learned):
     """load_model gives back the network that scored the last epoch's metrics."""
     cfg, history, out, _ = learned
