@@ -40,7 +40,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -555,6 +555,8 @@ def train(cfg: TrainConfig, log=print, comm=None):
     comm = comm or world()
     log = log if comm.rank == 0 else (lambda *args, **kwargs: None)
     check_config(cfg)
+    # the checkpoints record the crop this run trains on (0: whole images), not "the dataset's default"
+    cfg = replace(cfg, crop_size=training_crop(cfg) or 0)
     device = check_device(cfg.device)
     if comm.rank == 0:  # rank 0 alone reads and writes the run folder (an error there stops every rank)
         prepare_run_folder(cfg, log)

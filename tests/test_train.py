@@ -133,6 +133,9 @@ def test_default_shapes_run_trains_on_crops_and_scores_whole_images(tmp_path, mo
     assert seen[:2] == [("train", None), ("val", None)]  # 40 x 40 images <= 96: whole
     assert ("train", 24) in seen[2:] and ("val", None) in seen[2:]
     assert "training on random 24 x 24 crops, scored whole" in "\n".join(logs)
+    # each checkpoint records the crop its run trained on, not "the default" (which may change)
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.npz")[1]["config"]["crop_size"] == 0
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.npz")[1]["config"]["crop_size"] == 24
 
 
 def test_checkpoint_rebuilds_the_trained_model(learned):
