@@ -131,7 +131,8 @@ def cmd_train(args):
 def cmd_eval(args):
     from .data import DataLoader, IMAGENET_MEAN_RGB, validate_dataset  # noqa: PLC0415
     from .metrics import format_scores  # noqa: PLC0415
-    from .train import TrainConfig, dataset_for_checkpoint, eval_batch_size, evaluate, load_model, strict_json  # noqa: PLC0415
+    from .train import (TrainConfig, dataset_for_checkpoint, eval_batch_size, evaluate, load_model,  # noqa: PLC0415
+                        strict_json)
 
     model, meta = load_model(args.checkpoint, args.device or "cpu")
     cfg = TrainConfig.from_dict(meta["config"])

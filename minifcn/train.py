@@ -127,8 +127,8 @@ class TrainConfig:
 
 # Side of the random crops a dataset's training images are cut to when crop_size is None and the images are
 # larger (held-out images are always scored whole). shapes: crops of 96 of its 128 x 128 images learn as
-# much per step as whole images at 0.8 to 0.85 of a step's cost (padding 100 keeps conv1 on a
-# (side + 198)^2 map), and the 6-epoch recipe ended higher (0.908 against 0.903): benchmarks/RESULTS.md.
+# much per step as whole images and cost less per step (padding 100 keeps conv1 on a (side + 198)^2 map, so
+# the saving is smaller than the pixel count suggests); crops of 64 learn far less. benchmarks/RESULTS.md.
 TRAINING_CROPS = {"shapes": 96}
 
 
