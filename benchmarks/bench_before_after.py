@@ -9,8 +9,8 @@ noisy machine only such paired ratios mean anything.
     python benchmarks/bench_before_after.py --before a0c57c3 --rounds 40
     python benchmarks/bench_before_after.py --before 3a61c02 --batch-size 8 --image-size 64
 
-Both sides use the working tree's defaults for the batch size and image size
-unless given (an older default would otherwise change the work, not the code).
+Both sides use the working tree's defaults for the batch size, image size and
+training crop unless given (an older default would otherwise change the work, not the code).
 """
 from __future__ import annotations
 
@@ -41,8 +41,10 @@ def extract(revision: str, folder: str) -> None:
     os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
 
 
-def training_step(package: str, batch_size: int, image_size: int, batches: int = 8):
-    """A closure running one step of the default recipe (model, loss, SGD) of ``package``."""
+def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 8):
+    """A closure running one step of the default recipe (model, loss, SGD) of ``package`` on batches of
+    ``image_size`` images, cut to random ``crop_size`` crops when given (None: whole images). The crop is the
+    caller's, not the package's default, so two versions timed side by side do the same work."""
     train = importlib.import_module(package + ".train")
     optim = importlib.import_module(package + ".optim")
     cfg = train.TrainConfig(batch_size=batch_size, image_size=image_size)
@@ -52,7 +54,7 @@ def training_step(package: str, batch_size: int, image_size: int, batches: int =
         model.input_grad = False
     opt = optim.SGD(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = train.make_loss(model, cfg.reduction)
-    loader = train.DataLoader(train_set, cfg.batch_size, shuffle=True, seed=0, crop_size=train.training_crop(cfg) if hasattr(train, "training_crop") else cfg.crop_size,
+    loader = train.DataLoader(train_set, cfg.batch_size, shuffle=True, seed=0, crop_size=crop_size,
                               flip=cfg.flip, drop_last=True, mean=train.IMAGENET_MEAN_RGB, bgr=cfg.bgr,
                               scale=cfg.input_scale)
     data = [b for _, b in zip(range(batches), loader.epoch(0))]
@@ -74,11 +76,16 @@ def main(argv=None):
     defaults = importlib.import_module("minifcn.train").TrainConfig()
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="training crops' side, the same for both versions (default: the working tree's "
+                        "training_crop for that image size; 0: whole images)")
     args = p.parse_args(argv)
+    train_module = importlib.import_module("minifcn.train")
+    crop = train_module.training_crop(train_module.TrainConfig(image_size=args.image_size, crop_size=args.crop_size))
     with tempfile.TemporaryDirectory() as folder:
         extract(args.before, folder)
         sys.path.insert(0, folder)
-        steps = {name: training_step(package, args.batch_size, args.image_size)
+        steps = {name: training_step(package, args.batch_size, args.image_size, crop)
                  for name, package in (("before", "minifcn_before"), ("after", "minifcn"))}
         for step in steps.values():  # warm-up: buffers, caches
             for i in range(3):
@@ -90,7 +97,8 @@ def main(argv=None):
                 step(r)
                 times[name].append(time.perf_counter() - t0)
     before, after = (np.array(times[k]) for k in ("before", "after"))
-    print(f"training step of the default recipe (batch {args.batch_size} x {args.image_size}^2), "
+    work = f"{args.image_size}^2" + (f", random {crop}^2 crops" if crop else "")
+    print(f"training step of the default recipe (batch {args.batch_size} x {work}), "
           f"{args.rounds} interleaved rounds: "
           f"before ({args.before}) {1e3 * np.median(before):.0f} ms, after (working tree) "
           f"{1e3 * np.median(after):.0f} ms, median per-round ratio {np.median(after / before):.2f}")

@@ -33,7 +33,7 @@ def main(argv=None):
     cases = {}
     for batch in batches:
         for side in sides:
-            step, count = training_step("minifcn", batch, side), [0]
+            step, count = training_step("minifcn", batch, side, crop_size=None), [0]  # whole images of this side
 
             def one(step=step, count=count):
                 step(count[0])

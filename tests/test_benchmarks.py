@@ -167,7 +167,7 @@ def test_bench_before_after_compares_a_commit_with_the_working_tree():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
-    assert "(batch 2 x 32^2), 2 interleaved rounds" in line and "before (HEAD)" in line, line
+    assert "(batch 2 x 32^2), 2 interleaved rounds" in line and "before (HEAD)" in line, line  # 32 <= 96: whole
     assert float(line.rsplit(" ", 1)[-1]) > 0
 
 
@@ -189,3 +189,16 @@ def test_bench_step_sizes_prints_one_row_per_case():
     rows = [line.split() for line in proc.stdout.splitlines() if " x " in line and line.split()[0].isdigit()]
     assert [" ".join(r[:3]) for r in rows] == ["1 x 48^2", "1 x 32^2", "2 x 48^2", "2 x 32^2"]
     assert float(rows[0][-1]) == 1.0 and all(float(r[3]) > 0 for r in rows)
+
+
+def test_bench_before_after_gives_both_versions_the_same_crop():
+    """The crop comes from the caller (the working tree's training_crop), never from each package's default."""
+    import bench_before_after  # noqa: PLC0415
+
+    step = bench_before_after.training_step("minifcn", 1, 48, crop_size=24, batches=2)
+    images = step.__closure__  # the closure's batches
+    data = next(c.cell_contents for c in images if isinstance(c.cell_contents, list))
+    assert all(x.shape[2:] == (24, 24) for x, _ in data)
+    whole = bench_before_after.training_step("minifcn", 1, 48, crop_size=None, batches=2)
+    data = next(c.cell_contents for c in whole.__closure__ if isinstance(c.cell_contents, list))
+    assert all(x.shape[2:] == (48, 48) for x, _ in data)
