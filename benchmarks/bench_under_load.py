@@ -76,7 +76,7 @@ def main(argv=None):
     print(f"\n{args.steps} training steps (batch 1, {args.image_size} x {args.image_size}) + 16 held-out images, "
           f"wall seconds, medians of {args.rounds} rounds")
     print_table(("idle BLAS threads", "alone s", "beside busy s", "busy / alone", "alone runs", "busy runs"), rows,
-                (None, ".1f", ".1f", ".2f", None, None))
+                (None, ".2f", ".2f", ".2f", None, None))
 
 
 if __name__ == "__main__":

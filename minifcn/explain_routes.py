@@ -13,7 +13,10 @@ training step and finds exactly the routes of this table. The SGD update is
 the last row. ReLU, Dropout, Crop and Add have one implementation each.
 
 With ``time=True`` each pass is run with random inputs by its textbook route
-and by the route the fast mode picks, and both medians are reported.
+and by the route the fast mode picks, and both medians are reported. A route that
+depends on the data as well (``repeated-lines``) names the route it hands over to
+where the data offers no shortcut; random inputs offer none, so its time there is
+that route's plus the search.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class RouteRow:
     flops: int
     textbook_ms: float | None = None
     fast_ms: float | None = None
+    hands_over_to: str | None = None  # a data-dependent route: the route that runs where the data offers no shortcut
 
 
 def _flops(operation, layer, facts):
@@ -137,8 +141,11 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
                 continue
             chosen = routes.select(operation, *facts)
             reason = chosen.reason if routes.mode() == "fast" else f"textbook mode: {chosen.reason}"
+            then = routes.select(operation, *facts, skip=(chosen.name,)).name if chosen.data_dependent else None
+            if then:
+                reason += f"; where the data offers none: {then}"
             row = RouteRow(blob.name, type(layer).__name__, pass_name, operation, chosen.name, reason, x_shape,
-                           _flops(operation, layer, facts))
+                           _flops(operation, layer, facts), hands_over_to=then)
             if time:
                 row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng)
             rows.append(row)

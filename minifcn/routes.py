@@ -18,6 +18,10 @@ route each layer of a model takes and why, by calling :func:`select` too.
 Adding a route: decorate its function with
 ``@register(op, name, applies=rule, reason="...")``. Routes are tried in the
 order they were registered; the tests compare every route with the textbook one.
+A route whose shortcut depends on the data as well as the geometry (runs of
+identical lines, :mod:`minifcn.layers.line_runs`) is registered with
+``data_dependent=True`` and hands the work to the next route where the data
+offers none (``run(..., skip=(its name,))``); ``minifcn explain routes`` names both.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Route:
     fn: Callable
     applies: Callable
     reason: str
+    data_dependent: bool = False  # the shortcut also needs something of the data: without it, the next route runs
 
 
 _TEXTBOOK: dict = {}  # op -> Route
@@ -72,10 +77,13 @@ def route(name: str):
         _override.reset(token)
 
 
-def register(op: str, name: str, applies: Callable | None = None, reason: str = "", textbook: bool = False):
-    """Decorator: register ``fn`` as route ``name`` of ``op`` (the textbook one if ``textbook``)."""
+def register(op: str, name: str, applies: Callable | None = None, reason: str = "", textbook: bool = False,
+             data_dependent: bool = False):
+    """Decorator: register ``fn`` as route ``name`` of ``op`` (the textbook one if ``textbook``).
+    ``data_dependent``: ``fn`` looks at the data too, and hands over to ``select(..., skip=(name,))``
+    where the data offers no shortcut."""
     def decorate(fn):
-        entry = Route(op, name, fn, applies or (lambda *facts: True), reason)
+        entry = Route(op, name, fn, applies or (lambda *facts: True), reason, data_dependent)
         if textbook:
             _TEXTBOOK[op] = entry
         else:
@@ -94,18 +102,23 @@ def routes(op: str) -> list:
     return list(_FAST.get(op, [])) + [_TEXTBOOK[op]]
 
 
-def select(op: str, *facts) -> Route:
-    """THE selection: the route of ``op`` that runs on this geometry (``facts``) in the current mode."""
+def select(op: str, *facts, skip: tuple = ()) -> Route:
+    """THE selection: the route of ``op`` that runs on this geometry (``facts``) in the current mode.
+
+    ``skip`` names fast routes not to try: a route whose shortcut depends on the
+    data, not only on the geometry, hands over to the others so when the data
+    offers none, and a caller whose data never offers it says so.
+    """
     if mode() == "fast":
         for candidate in _FAST.get(op, []):
-            if candidate.applies(*facts):
+            if candidate.name not in skip and candidate.applies(*facts):
                 return candidate
     return routes(op)[-1]
 
 
-def run(op: str, facts: tuple, *args, **kwargs):
-    """``select(op, *facts).fn(*args, **kwargs)``: what a layer calls."""
-    return select(op, *facts).fn(*args, **kwargs)
+def run(op: str, facts: tuple, *args, skip: tuple = (), **kwargs):
+    """``select(op, *facts, skip=skip).fn(*args, **kwargs)``: what a layer calls."""
+    return select(op, *facts, skip=skip).fn(*args, **kwargs)
 
 
 def textbook(op: str) -> Route:

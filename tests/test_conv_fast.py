@@ -2,7 +2,8 @@
 
 For each of Conv2d and ConvTranspose2d, 72 random geometries (biased towards
 the cases the fast routes exist for: 1x1, stride 1, stride dividing the
-kernel, stride 1 with 4 to 8 channels), each with forward, input gradient and weight gradient computed under
+kernel, stride 1 with 4 to 8 channels; half of them with runs of repeated rows and columns in the input,
+for the ``repeated-lines`` routes), each with forward, input gradient and weight gradient computed under
 ``route("textbook")`` and ``route("fast")``: they agree to 1e-10 relative.
 Every fast route is exercised, and each fast route function called on its own
 agrees with the textbook function wherever its rule applies.
@@ -58,6 +59,33 @@ def random_geometry(rng):
     return k, s, p, d, n, cin, cout, hw
 
 
+def with_runs(rng, shape):
+    """A random (N, C, H, W) array whose rows and columns repeat in runs, as FCN's maps do outside the
+    image: a smaller random map with each row and column repeated a random number of times."""
+    n, c, h, w = shape
+    lines = [np.sort(rng.integers(0, max(1, size // int(rng.integers(2, 6))), size)) for size in (h, w)]
+    small = rng.standard_normal((n, c, h, w))
+    return small[:, :, lines[0]][:, :, :, lines[1]]
+
+
+def _search_everything(monkeypatch):
+    """The ``repeated-lines`` routes look at every stride-1 map and cut every run, however short."""
+    monkeypatch.setattr(conv_fast, "RUNS_LEAST_OUTPUTS", 1)
+    monkeypatch.setattr(conv_fast, "RUNS_LEAST_SAVED", 1)
+    monkeypatch.setattr(conv_fast, "RUNS_MAX_FRACTION", 1.0)
+
+
+def _count_cuts(monkeypatch):
+    """Counter of the times the ``repeated-lines`` routes really cut a map (forward, weight gradient)."""
+    cuts = Counter()
+    for op, name in ((FORWARD, "expand_output"), (WEIGHT_GRAD, "sum_into_cut")):
+        def counted(*args, _fn=getattr(conv_fast, name), _op=op):
+            cuts[_op] += 1
+            return _fn(*args)
+        monkeypatch.setattr(conv_fast, name, counted)
+    return cuts
+
+
 def _rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
@@ -76,6 +104,8 @@ def test_fast_routes_agree_with_the_textbook_on_random_geometries(which, monkeyp
     monkeypatch.setattr(columns, "MIN_COPY_BYTES", 64)
     monkeypatch.setitem(conv_fast.SHIFTED_BAND_BYTES, "numpy", 1024)
     monkeypatch.setenv("MINIFCN_NUM_THREADS", "2")
+    _search_everything(monkeypatch)
+    cuts = _count_cuts(monkeypatch)
     rng = np.random.default_rng(12 if which == "Conv2d" else 13)
     taken = Counter()
     for case in range(SWEEP):
@@ -89,11 +119,18 @@ def test_fast_routes_agree_with_the_textbook_on_random_geometries(which, monkeyp
             op = tuple(h - nat for h, nat in zip(hw, natural[2:]))
             layer = ConvTranspose2d(cout, cin, k, s, p, op, d, dtype=np.float64, rng=case)
             x_shape = conv_out
-        x = rng.standard_normal(x_shape)
-        dy = rng.standard_normal(layer.output_shape(x_shape))
+        # half the cases repeat lines in the array a convolution's forward and weight gradient read:
+        # x of a Conv2d, dy of a ConvTranspose2d (its backward is C's forward, and dW reads dy as C's input)
+        repeats = bool(rng.integers(0, 2))
+        x = with_runs(rng, x_shape) if repeats and which == "Conv2d" else rng.standard_normal(x_shape)
+        y_shape = layer.output_shape(x_shape)
+        dy = with_runs(rng, y_shape) if repeats and which != "Conv2d" else rng.standard_normal(y_shape)
         with route("fast"):
             for name, (op_name, facts) in layer.route_facts(x_shape).items():
-                taken[(op_name, routes.select(op_name, *facts).name)] += 1
+                chosen = routes.select(op_name, *facts)
+                taken[(op_name, chosen.name)] += 1
+                if chosen.data_dependent:  # and the route it hands over to without runs
+                    taken[(op_name, routes.select(op_name, *facts, skip=(chosen.name,)).name)] += 1
             fast = _passes(layer, x, dy)
         with route("textbook"):
             textbook = _passes(layer, x, dy)
@@ -103,13 +140,15 @@ def test_fast_routes_agree_with_the_textbook_on_random_geometries(which, monkeyp
     for op in (FORWARD, INPUT_GRAD, WEIGHT_GRAD):  # each layer's passes reach every fast route
         for r in routes.routes(op)[:-1]:
             assert taken[(op, r.name)] >= 3, (op, r.name, taken)
+    assert cuts[FORWARD] >= 5 and cuts[WEIGHT_GRAD] >= 5, cuts  # and runs were really cut
 
 
 @pytest.mark.parametrize("op", [FORWARD, INPUT_GRAD, WEIGHT_GRAD])
-def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op):
+def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op, monkeypatch):
     """Call every fast route's own function (not through select) on geometries where its rule holds."""
     from minifcn.layers.conv_fast import conv_facts
 
+    _search_everything(monkeypatch)
     rng = np.random.default_rng(21)
     textbook = routes.textbook(op)
     checked = Counter()
@@ -120,8 +159,8 @@ def test_each_fast_route_alone_equals_the_textbook_where_it_applies(op):
         u = facts[0]
         if min(u.out_hw) < 1:
             continue
-        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
-        dy = rng.standard_normal((n, cout, *u.out_hw))
+        x = with_runs(rng, x_shape) if rng.integers(0, 2) else rng.standard_normal(x_shape)
+        w, dy = rng.standard_normal(w_shape), rng.standard_normal((n, cout, *u.out_hw))
         if op == FORWARD:
             args = (x, w, s, p, d, None, rng.standard_normal(cout))
         elif op == INPUT_GRAD:

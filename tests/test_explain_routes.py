@@ -95,12 +95,12 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
     sgd_routes = {name for op, name, _ in spy if op == "sgd_update"}
     assert sgd_routes == {rows[-1].route}
     assert sum(1 for op, _, _ in spy if op == "sgd_update") == len(optimizer.named_params)
-    names = {r.route for r in rows}
+    names = {r.route for r in rows} | {r.hands_over_to for r in rows if r.hands_over_to}
     if mode == "textbook":
         assert names == {"textbook", "-"}
-    else:  # FCN-8s takes every kind of fast route somewhere
+    else:  # FCN-8s takes every kind of fast route somewhere (or hands over to it where the data has no runs)
         assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
-                "chunked"} <= names
+                "chunked", "padding-core", "repeated-lines"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
     assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad")}
 
@@ -149,10 +149,14 @@ def test_cli_explain_routes(capsys, monkeypatch):
     assert "sub-pixel" not in out and "textbook mode: one product W^T dy, then col2im" in out
 
 
-def test_cli_names_the_shifted_routes_for_conv1_2(capsys, monkeypatch):
-    """The README's training model: conv1_2 (8 -> 8 at 328 x 328) takes the shifted products."""
+def test_cli_names_the_routes_of_conv1_2(capsys, monkeypatch):
+    """The README's training model: conv1_2 (8 -> 8 at 328 x 328) looks for runs of identical lines,
+    and hands over to the shifted products where there are none."""
     monkeypatch.setenv("MINIFCN_ROUTE", "fast")
     assert main(["explain", "routes", "--model", "fcn8s", "--size", "128", "--width", "0.125"]) == 0
     cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()]
-    routes_of = {row[1]: row[2] for row in cells if row[0] == "conv1_2"}  # pass -> route
-    assert routes_of == {"forward": "shifted", "input grad": "flipped-kernel", "weight grad": "shifted"}, routes_of
+    conv1_2 = {row[1]: row for row in cells if row[0] == "conv1_2"}  # pass -> cells
+    assert {p: row[2] for p, row in conv1_2.items()} == {
+        "forward": "repeated-lines", "input grad": "flipped-kernel", "weight grad": "repeated-lines"}
+    for name in ("forward", "weight grad"):
+        assert conv1_2[name][-1].endswith("where the data offers none: shifted"), conv1_2[name]

@@ -15,6 +15,9 @@ Every op, first:
   ``padding-core``    most outputs see only padding (FCN's conv1_1, padded by 100): those are the bias
                       (forward) or contribute nothing (gradients); the rest is a convolution of the
                       core window with less padding, by the best route for it
+Forward and weight gradient, next:
+  ``repeated-lines``  stride 1, the input repeats a row or column many times (FCN's maps outside the image,
+                      a fact of the data): the map with each run cut to the kernel's span; else the next route
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
@@ -38,6 +41,7 @@ from ..parallel import run_bands, workers_for
 from ..routes import register, run
 from ._checks import check_accumulate
 from .columns import Unfolding, conv_output_size, workspace
+from .line_runs import expand_output, plan_cuts, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
 
@@ -137,6 +141,75 @@ def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumula
     geometry = (u.stride, reduced, u.dilation)
     return run(WEIGHT_GRAD, conv_facts(x.shape, weight_shape, *geometry, core.shape[2:]),
                core, x, weight_shape, *geometry, accumulate=accumulate)
+
+
+# --------------------------------------------------------------------------- runs of identical lines
+#
+# After conv1_1's padding of 100, the maps of conv1_2 to conv3 repeat one row
+# (and one column) over most of their extent, outside the image's footprint
+# (:mod:`minifcn.layers.line_runs`). Where the input has such runs, the forward
+# and the weight gradient run on the map with each run cut to the kernel's
+# span; the input gradient cannot (dy does not repeat). The runs are a fact of
+# the data, not of the geometry: the rule only says where they are looked for,
+# and a map without enough of them goes to the next route (``skip=``); the
+# input gradients' own convolutions of dy do not search it.
+
+RUNS_LEAST_SAVED = 4        # a run is cut only where that drops at least this many lines
+RUNS_MAX_FRACTION = 0.5     # and only if the cut convolution then computes at most this share of the outputs
+RUNS_LEAST_OUTPUTS = 48 * 48  # smaller outputs are not searched
+
+
+def runs_applies(u, cout=None):
+    """Stride 1, the natural output size, at least ``RUNS_LEAST_OUTPUTS`` outputs."""
+    natural = tuple(conv_output_size(size, k, 1, p, d) for size, k, p, d in
+                    zip(u.x_shape[2:], u.kernel, u.padding, u.dilation))
+    return u.stride == (1, 1) and u.out_hw == natural and u.out_hw[0] * u.out_hw[1] >= RUNS_LEAST_OUTPUTS
+
+
+_RUNS = "repeated-lines"
+_RUNS_REASON = "stride 1, runs of identical rows or columns in x (FCN, outside the image): runs cut to the kernel"
+
+
+def _cuts_worth_it(x, u):
+    """(cuts, cut map) of x, or None where they would not save enough."""
+    cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED)
+    return (cuts, cut_x) if saved_fraction(cuts) <= RUNS_MAX_FRACTION else None
+
+
+@register(FORWARD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", their output repeated",
+          data_dependent=True)
+def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x (+ b)`` at stride 1 where x repeats lines: the cut map's convolution, its run lines repeated.
+
+    Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. Without
+    enough runs in x, the next route computes it whole.
+    """
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    planned = _cuts_worth_it(x, u)
+    if planned is None:
+        return run(FORWARD, (u, cout), x, weight, stride, padding, dilation, out_hw, bias=bias, skip=(_RUNS,))
+    cuts, cut_x = planned
+    geometry = (u.stride, u.padding, u.dilation)
+    y_cut = run(FORWARD, conv_facts(cut_x.shape, weight.shape, *geometry), cut_x, weight, *geometry,
+                bias=bias, skip=(_RUNS,))
+    return expand_output(y_cut, cuts)
+
+
+@register(WEIGHT_GRAD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", dy summed over them",
+          data_dependent=True)
+def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+    """``dW += dy . cols^T`` at stride 1 where x repeats lines: every output of a run reads the same
+    columns, so dy summed over them, on the cut map, gives the same sum. Else the next route."""
+    u, cout = conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:])
+    planned = _cuts_worth_it(x, u)
+    if planned is None:
+        return run(WEIGHT_GRAD, (u, cout), dy, x, weight_shape, stride, padding, dilation,
+                   accumulate=accumulate, skip=(_RUNS,))
+    cuts, cut_x = planned
+    dy_cut = sum_into_cut(dy, cuts)
+    geometry = (u.stride, u.padding, u.dilation)
+    return run(WEIGHT_GRAD, conv_facts(cut_x.shape, weight_shape, *geometry, dy_cut.shape[2:]),
+               dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, skip=(_RUNS,))
 
 
 # --------------------------------------------------------------------------- forward: y = C x
@@ -341,7 +414,8 @@ def input_grad_by_flipped_kernel(dy, weight, x_shape, stride, padding, dilation)
     u, _ = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
     flipped = xp.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])  # (Cin, Cout, kh, kw)
     geometry = ((1, 1), _full_padding(u), u.dilation, tuple(x_shape[2:]))
-    return run(FORWARD, conv_facts(dy.shape, flipped.shape, *geometry), dy, flipped, *geometry)
+    return run(FORWARD, conv_facts(dy.shape, flipped.shape, *geometry), dy, flipped, *geometry,
+               skip=(_RUNS,))  # dy does not repeat lines: not searched
 
 
 @register(INPUT_GRAD, "sub-pixel", applies=lambda u, cout: u.blocked,
@@ -367,7 +441,8 @@ def input_grad_by_blocks(dy, weight, x_shape, stride, padding, dilation):
     blocked = weight.reshape(cout, cin, mh, sh, mw, sw)[:, :, ::-1, :, ::-1, :]
     blocked = xp.ascontiguousarray(blocked.transpose(1, 3, 5, 0, 2, 4)).reshape(cin * sh * sw, cout, mh, mw)
     geometry = ((1, 1), (mh - 1, mw - 1), (1, 1))
-    per_block = run(FORWARD, conv_facts(dy.shape, blocked.shape, *geometry), dy, blocked, *geometry)
+    per_block = run(FORWARD, conv_facts(dy.shape, blocked.shape, *geometry), dy, blocked, *geometry,
+                    skip=(_RUNS,))  # dy does not repeat lines
     hb, wb = per_block.shape[2:]                                               # HB = OH + m - 1
     gpad = u.zeros(xp, dy.dtype, blocked=True)
     # depth to space: block (P, Q) of channel c gets per_block[n, (c, r, t), P, Q] at pixel (r, t)

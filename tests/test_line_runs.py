@@ -1,0 +1,95 @@
+"""minifcn.layers.line_runs: runs of identical lines are found exactly, and cutting them is exact.
+
+The convolution routes built on it (``repeated-lines``) are checked against the
+textbook route in tests/test_conv_fast.py; here, the pieces: which runs are
+found (and which are not), the bookkeeping of a cut, and that summing dy onto
+the cut output is the adjoint of expanding the cut output.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minifcn import route
+from minifcn.layers import Conv2d, line_runs
+from minifcn.layers.line_runs import LineCut, expand_output, find_runs, plan_cuts, sum_into_cut
+
+
+def repeated(rng, shape, row_counts, col_counts):
+    """A random map of ``shape``'s (N, C) whose i-th distinct row appears row_counts[i] times (likewise columns)."""
+    n, c = shape
+    small = rng.standard_normal((n, c, len(row_counts), len(col_counts)))
+    return np.repeat(np.repeat(small, row_counts, axis=2), col_counts, axis=3)
+
+
+def test_finds_the_runs_and_only_them():
+    x = repeated(np.random.default_rng(0), (2, 5), [1, 9, 1, 2, 12], [20, 1, 1, 7])
+    assert find_runs(x, 2, 3) == [(1, 10), (13, 25)]
+    assert find_runs(x, 2, 10) == [(13, 25)]
+    assert find_runs(x, 3, 3) == [(0, 20), (22, 29)]
+    assert find_runs(x, 3, 21) == []
+
+
+@pytest.mark.parametrize("where", ["channel 1 (not probed)", "image 1 (not probed)"])
+def test_a_line_that_differs_where_the_probe_does_not_look_splits_the_run(where):
+    """The probe reads three channels of the first image; the check reads everything."""
+    x = repeated(np.random.default_rng(1), (2, 5), [12], [4, 6])
+    assert find_runs(x, 2, 3) == [(0, 12)]
+    if where.startswith("channel"):
+        x[0, 1, 5, 2] += 1.0        # channels 0, 2 and 4 are probed
+    else:
+        x[1, 0, 5, 2] += 1.0
+    assert find_runs(x, 2, 3) == [(0, 5), (6, 12)]
+    assert find_runs(x, 2, 7) == []
+
+
+def test_nan_lines_never_match():
+    x = repeated(np.random.default_rng(2), (1, 3), [10], [5])
+    x[:, :, 4:, 0] = np.nan
+    assert find_runs(x, 2, 3) == [(0, 4)]
+
+
+@pytest.mark.parametrize("span,padding", [(1, 0), (3, 1), (3, 0), (5, 4), (2, 3)])
+def test_segments_cover_every_output_once(span, padding):
+    cut = LineCut(((2, 12), (12, 20), (25, 40)), span, padding, 44)
+    covered = []
+    for f0, f1, c0, c1 in cut.segments:
+        assert c1 - c0 in (1, f1 - f0)
+        covered += range(f0, f1)
+    assert covered == list(range(cut.out_size))
+    assert cut.segments[-1][3] == cut.cut_out_size
+    assert len(cut.keep) == 44 - sum(b - a - span for a, b in cut.runs)
+
+
+def test_summing_onto_the_cut_is_the_adjoint_of_expanding():
+    """<expand(a), b> == <a, sum_into_cut(b)> for every a, b: the weight gradient's shortcut is exact."""
+    rng = np.random.default_rng(3)
+    x = repeated(rng, (2, 3), [1, 8, 2, 9], [6, 1, 10])
+    cuts, cut_x = plan_cuts(x, (3, 2), (1, 0), (1, 2), 1)
+    assert all(c.runs for c in cuts) and cut_x.shape[2:] == tuple(len(c.keep) for c in cuts)
+    a = rng.standard_normal((2, 4, cuts[0].cut_out_size, cuts[1].cut_out_size))
+    b = rng.standard_normal((2, 4, cuts[0].out_size, cuts[1].out_size))
+    assert np.isclose(np.vdot(expand_output(a, cuts), b), np.vdot(a, sum_into_cut(b, cuts)), rtol=1e-12)
+
+
+def test_fcn_like_map_is_cut_and_the_layer_still_agrees(monkeypatch):
+    """A map constant outside a core with a one-line border ring (conv1_2's input at a small size):
+    the forward reads a small fraction of it and both passes match the textbook route."""
+    rng = np.random.default_rng(4)
+    x = np.empty((1, 8, 90, 90))
+    x[...] = rng.standard_normal((1, 8, 1, 1))
+    x[:, :, 30:60, 30:60] = rng.standard_normal((1, 8, 30, 30))
+    x[:, :, :, 0] = x[:, :, :, -1] = 0.5
+    cuts, cut_x = plan_cuts(x, (3, 3), (1, 1), (1, 1), 4)
+    assert line_runs.saved_fraction(cuts) < 0.25 and cut_x.shape == (1, 8, 36, 38)
+    layer = Conv2d(8, 8, 3, padding=1, dtype=np.float64, rng=0)
+    dy = rng.standard_normal((1, 8, 90, 90))
+    results = {}
+    for mode in ("fast", "textbook"):
+        layer.zero_grad()
+        with route(mode):
+            y = layer(x)
+            layer.backward(dy)
+        results[mode] = (y, layer.weight.grad.copy())
+    for fast, textbook in zip(results["fast"], results["textbook"]):
+        np.testing.assert_allclose(fast, textbook, rtol=1e-11, atol=1e-11)
