@@ -154,6 +154,10 @@ def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumula
 # and a map without enough of them goes to the next route (``skip=``); the
 # input gradients' own convolutions of dy do not search it.
 
+# Rules (figures in benchmarks/RESULTS.md, "repeated lines"): the search, the
+# gathers and the expansion cost a few passes over the map, so the route pays
+# where the cut convolution has at most half the outputs on maps of 48 x 48 or
+# more (conv1_2 to conv3_3 of the small FCN); on conv4's 37 x 37 maps it lost.
 RUNS_LEAST_SAVED = 4        # a run is cut only where that drops at least this many lines
 RUNS_MAX_FRACTION = 0.5     # and only if the cut convolution then computes at most this share of the outputs
 RUNS_LEAST_OUTPUTS = 48 * 48  # smaller outputs are not searched
@@ -181,7 +185,13 @@ def _cuts_worth_it(x, u):
 def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=None):
     """``C x (+ b)`` at stride 1 where x repeats lines: the cut map's convolution, its run lines repeated.
 
-    Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. Without
+    Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. Along an
+    axis where lines a..b-1 of x are equal and the kernel spans e lines, outputs
+    o = a+p .. b+p-e read only those lines, so they are all equal::
+
+        y[..., o, :] = y_cut[..., a'+p, :]   for every such o   (a' = where the run starts in the cut map)
+
+    and every other output reads the same lines in x and in the cut map. Without
     enough runs in x, the next route computes it whole.
     """
     u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
@@ -198,8 +208,12 @@ def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=
 @register(WEIGHT_GRAD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", dy summed over them",
           data_dependent=True)
 def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
-    """``dW += dy . cols^T`` at stride 1 where x repeats lines: every output of a run reads the same
-    columns, so dy summed over them, on the cut map, gives the same sum. Else the next route."""
+    """``dW += dy . cols^T`` at stride 1 where x repeats lines. The outputs o of a run (as in
+    :func:`forward_on_cut_runs`) all have the column of the cut map's one output a'+p, so::
+
+        sum_o dy[o] cols[o]^T = (sum_o dy[o]) cols_cut[a'+p]^T
+
+    the weight gradient of the cut map with dy summed onto it (``sum_into_cut``). Else the next route."""
     u, cout = conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:])
     planned = _cuts_worth_it(x, u)
     if planned is None:
