@@ -100,7 +100,7 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
         assert names == {"textbook", "-"}
     else:  # FCN-8s takes every kind of fast route somewhere (or hands over to it where the data has no runs)
         assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
-                "chunked", "padding-core", "repeated-lines"} <= names
+                "chunked", "padding-core", "repeated-lines", "row-shifted"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
     assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad")}
 

@@ -21,6 +21,8 @@ Forward and weight gradient, next:
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
+  ``row-shifted``     stride 1, a large map, at most 32 out: columns along the width only (kw copies),
+                      one product per kernel row on the same columns shifted by whole rows
   ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads
 Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``pointwise``       1x1, stride 1, no padding: one product, no col2im
@@ -355,6 +357,91 @@ def forward_by_shifted_products(x, weight, stride, padding, dilation, out_hw=Non
             band += bias.reshape(cout, 1, 1)
 
     bands = _shifted_bands(u, xp, x.itemsize, wp)
+    run_bands(bands, one_band, workers_for(xp, len(bands), n))
+    return y
+
+
+# --------------------------------------------------------------------------- row-shifted products (stride 1)
+#
+# Between the k*k shifted slices and the full im2col: unfold along the width
+# only. With the padded input flattened on its padded width Wp (as above),
+#     wcols[n, (c, j), l] = xflat[n, c, l + j*dw]          (kw copies of x, not kh*kw)
+# and kernel row i of the output pixel l = p*Wp + q reads wcols[n, :, l + i*dh*Wp]:
+# the same buffer shifted by whole padded rows. So
+#     ywide[n, :, l] = sum_i W[:, :, i, :] @ wcols[n, :, l + i*dh*Wp]
+# kh products of depth Cin*kw (deep enough for BLAS), on columns a third the
+# size of im2col's for 3x3 kernels; the junk columns q >= OW are dropped as in
+# ``shifted``. Rule (benchmarks/RESULTS.md, "row-shifted"): it beats im2col in
+# bands on large maps with few output channels (the small FCN's 74 x 74 and
+# 147 x 147 maps, many of them the input gradients' convolutions of dy); on
+# 37 x 37 maps, with 64 channels, and as a weight gradient it did not.
+
+ROW_SHIFTED_BAND_BYTES = {"numpy": 0, "cupy": 0}  # bytes of wcols per band (0: one band)
+ROW_SHIFTED_MOST_OUT = 32            # more output channels: the one product of im2col is the faster
+ROW_SHIFTED_LEAST_OUTPUTS = 60 * 60  # smaller maps: the extra products and adds cost more than they save
+
+
+def row_shifted_applies(u, cout):
+    """Stride 1, a kernel more than one row high, at most ``ROW_SHIFTED_MOST_OUT`` output channels and
+    ``ROW_SHIFTED_LEAST_OUTPUTS`` outputs or more."""
+    return (u.stride == (1, 1) and u.kernel[0] > 1 and cout <= ROW_SHIFTED_MOST_OUT
+            and u.out_hw[0] * u.out_hw[1] >= ROW_SHIFTED_LEAST_OUTPUTS)
+
+
+def _row_shifted_bands(u, xp, itemsize, wp):
+    """Bands (r0, r1) of output rows with about ``ROW_SHIFTED_BAND_BYTES`` of wcols each."""
+    n, c = u.x_shape[:2]
+    oh = u.out_hw[0]
+    budget = ROW_SHIFTED_BAND_BYTES.get(xp.__name__, 0)
+    step = oh if budget <= 0 else max(1, budget // (n * c * u.kernel[1] * wp * itemsize))
+    return [(r0, min(oh, r0 + step)) for r0 in range(0, oh, step)]
+
+
+def _width_columns(xflat, u, wp, r0, r1, xp):
+    """wcols of output rows r0..r1: (N, Cin*kw, (r1 - r0 + dh*(kh-1)) * Wp), this thread's scratch."""
+    n, c = xflat.shape[:2]
+    (kh, kw), (dh, dw) = u.kernel, u.dilation
+    span = (r1 - r0 + dh * (kh - 1)) * wp
+    wcols = workspace(xp, xflat.dtype, (n, c, kw, span), "width columns")
+    for j in range(kw):
+        start = r0 * wp + j * dw
+        wcols[:, :, j] = xflat[:, :, start:start + span]
+    return wcols.reshape(n, c * kw, span)
+
+
+@register(FORWARD, "row-shifted", applies=row_shifted_applies,
+          reason="stride 1, a large map, <= 32 out: columns along the width only, one product per kernel row")
+def forward_by_row_shifts(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+    """``C x (+ b)`` at stride 1 from width columns and kh row-shifted products, band by band of output rows.
+
+    Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. For each
+    band: wcols (above), then ``ywide = sum_i W[:, :, i, :] @ wcols[:, :, i*dh*Wp:]``
+    summed in this thread's scratch buffer, and the valid columns copied out (+ b).
+    """
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    n, cin = x.shape[:2]
+    (oh, ow), (kh, kw), dh = u.out_hw, u.kernel, u.dilation[0]
+    xflat, wp = _flat_padded(x, u)
+    rows = [xp.ascontiguousarray(weight[:, :, i, :]).reshape(cout, cin * kw) for i in range(kh)]
+    y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
+
+    def one_band(worker, r0, r1):
+        length = (r1 - r0) * wp
+        wcols = _width_columns(xflat, u, wp, r0, r1, xp)
+        wide = workspace(xp, x.dtype, (n, cout, length), "row-shifted sum")
+        term = workspace(xp, x.dtype, (n, cout, length), "row-shifted term")
+        for i, w_i in enumerate(rows):
+            src = wcols[:, :, i * dh * wp:i * dh * wp + length]      # rows of wcols, shifted by i*dh rows
+            xp.matmul(w_i, src, out=wide if i == 0 else term)
+            if i:
+                wide += term
+        band = y[:, :, r0:r1]
+        band[...] = wide.reshape(n, cout, r1 - r0, wp)[:, :, :, :ow]
+        if bias is not None:
+            band += bias.reshape(cout, 1, 1)
+
+    bands = _row_shifted_bands(u, xp, x.itemsize, wp)
     run_bands(bands, one_band, workers_for(xp, len(bands), n))
     return y
 
