@@ -8,6 +8,7 @@ noisy machine only such paired ratios mean anything.
 
     python benchmarks/bench_before_after.py --before a0c57c3 --rounds 40
     python benchmarks/bench_before_after.py --before 3a61c02 --batch-size 8 --image-size 64
+    python benchmarks/bench_before_after.py --before caf3d8c --width 1 --image-size 224 --crop-size 0 --rounds 5
 
 Both sides use the working tree's defaults for the batch size, image size and
 training crop unless given (an older default would otherwise change the work, not the code).
@@ -41,13 +42,16 @@ def extract(revision: str, folder: str) -> None:
     os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
 
 
-def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 8):
+def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 8,
+                  width: float | None = None):
     """A closure running one step of the default recipe (model, loss, SGD) of ``package`` on batches of
-    ``image_size`` images, cut to random ``crop_size`` crops when given (None: whole images). The crop is the
-    caller's, not the package's default, so two versions timed side by side do the same work."""
+    ``image_size`` images, cut to random ``crop_size`` crops when given (None: whole images), with the
+    model at ``width`` (None: the default). The crop is the caller's, not the package's default, so two
+    versions timed side by side do the same work."""
     train = importlib.import_module(package + ".train")
     optim = importlib.import_module(package + ".optim")
-    cfg = train.TrainConfig(batch_size=batch_size, image_size=image_size)
+    extra = {} if width is None else {"width": width}
+    cfg = train.TrainConfig(batch_size=batch_size, image_size=image_size, **extra)
     train_set, _ = train.make_datasets(cfg)
     model = train.build_from_config(cfg, train_set.num_classes)
     if hasattr(type(model), "input_grad"):  # as `minifcn train` does, where the version has it
@@ -79,13 +83,15 @@ def main(argv=None):
     p.add_argument("--crop-size", type=int, default=None,
                    help="training crops' side, the same for both versions (default: the working tree's "
                         "training_crop for that image size; 0: whole images)")
+    p.add_argument("--width", type=float, default=defaults.width,
+                   help="channel multiplier of the model (1.0: the paper's VGG16)")
     args = p.parse_args(argv)
     train_module = importlib.import_module("minifcn.train")
     crop = train_module.training_crop(train_module.TrainConfig(image_size=args.image_size, crop_size=args.crop_size))
     with tempfile.TemporaryDirectory() as folder:
         extract(args.before, folder)
         sys.path.insert(0, folder)
-        steps = {name: training_step(package, args.batch_size, args.image_size, crop)
+        steps = {name: training_step(package, args.batch_size, args.image_size, crop, width=args.width)
                  for name, package in (("before", "minifcn_before"), ("after", "minifcn"))}
         for step in steps.values():  # warm-up: buffers, caches
             for i in range(3):
@@ -97,7 +103,7 @@ def main(argv=None):
                 step(r)
                 times[name].append(time.perf_counter() - t0)
     before, after = (np.array(times[k]) for k in ("before", "after"))
-    work = f"{args.image_size}^2" + (f", random {crop}^2 crops" if crop else "")
+    work = f"{args.image_size}^2" + (f", random {crop}^2 crops" if crop else "") + f", width {args.width:g}"
     print(f"training step of the default recipe (batch {args.batch_size} x {work}), "
           f"{args.rounds} interleaved rounds: "
           f"before ({args.before}) {1e3 * np.median(before):.0f} ms, after (working tree) "

@@ -167,7 +167,7 @@ def test_bench_before_after_compares_a_commit_with_the_working_tree():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
-    assert "(batch 2 x 32^2), 2 interleaved rounds" in line and "before (HEAD)" in line, line  # 32 <= 96: whole
+    assert "(batch 2 x 32^2, width 0.125), 2 interleaved rounds" in line and "before (HEAD)" in line, line  # whole
     assert float(line.rsplit(" ", 1)[-1]) > 0
 
 
@@ -199,6 +199,8 @@ def test_bench_before_after_gives_both_versions_the_same_crop():
     images = step.__closure__  # the closure's batches
     data = next(c.cell_contents for c in images if isinstance(c.cell_contents, list))
     assert all(x.shape[2:] == (24, 24) for x, _ in data)
-    whole = bench_before_after.training_step("minifcn", 1, 48, crop_size=None, batches=2)
+    whole = bench_before_after.training_step("minifcn", 1, 48, crop_size=None, batches=2, width=0.0625)
     data = next(c.cell_contents for c in whole.__closure__ if isinstance(c.cell_contents, list))
     assert all(x.shape[2:] == (48, 48) for x, _ in data)
+    model = next(c.cell_contents for c in whole.__closure__ if hasattr(c.cell_contents, "conv1_1"))
+    assert model.conv1_1.out_channels == 4  # 64 * 0.0625: the width asked for
