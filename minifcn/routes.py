@@ -116,9 +116,18 @@ def select(op: str, *facts, skip: tuple = ()) -> Route:
     return routes(op)[-1]
 
 
-def run(op: str, facts: tuple, *args, skip: tuple = (), **kwargs):
-    """``select(op, *facts, skip=skip).fn(*args, **kwargs)``: what a layer calls."""
-    return select(op, *facts, skip=skip).fn(*args, **kwargs)
+def run(op: str, facts: tuple, *args, skip: tuple = (), memo: dict | None = None, **kwargs):
+    """``select(op, *facts, skip=skip).fn(*args, **kwargs)``: what a layer calls.
+
+    ``memo``: a dict a layer keeps from its forward to its backward. A data-dependent
+    route gets it (``memo=``) to keep what it found out about the layer's input (the
+    runs of repeated lines), so that the backward need not look again; other routes
+    never see it.
+    """
+    chosen = select(op, *facts, skip=skip)
+    if memo is not None and chosen.data_dependent:
+        kwargs["memo"] = memo
+    return chosen.fn(*args, **kwargs)
 
 
 def textbook(op: str) -> Route:

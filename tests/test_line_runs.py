@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minifcn import route
-from minifcn.layers import Conv2d, line_runs
+from minifcn.layers import Conv2d, conv_fast, line_runs
 from minifcn.layers.line_runs import LineCut, expand_output, find_runs, plan_cuts, sum_into_cut
 
 
@@ -93,3 +93,31 @@ def test_fcn_like_map_is_cut_and_the_layer_still_agrees(monkeypatch):
         results[mode] = (y, layer.weight.grad.copy())
     for fast, textbook in zip(results["fast"], results["textbook"]):
         np.testing.assert_allclose(fast, textbook, rtol=1e-11, atol=1e-11)
+
+
+def test_the_weight_gradient_reads_the_runs_its_forward_found(monkeypatch):
+    """A Conv2d keeps its forward's plan (the layer's memo) for its weight gradient: one search a step,
+    not two; the route functions called on their own search each time."""
+    rng = np.random.default_rng(5)
+    x = repeated(rng, (2, 4), [30, 1, 2, 40], [25, 3, 1, 30])
+    searches = []
+
+    def counted(*args):
+        searches.append(args[0].shape)
+        return plan_cuts(*args)
+
+    monkeypatch.setattr(conv_fast, "plan_cuts", counted)
+    layer = Conv2d(4, 3, 3, padding=1, dtype=np.float64, rng=0)
+    with route("fast"):
+        y = layer(x)
+        layer.backward(np.ones_like(y))
+        assert searches == [x.shape]
+        dy = rng.standard_normal(y.shape)
+        conv_fast.weight_grad_on_cut_runs(dy, x, layer.weight.shape, (1, 1), (1, 1), (1, 1))
+        assert searches == [x.shape, x.shape]
+    with route("textbook"):
+        want = layer.weight.grad.copy()
+        layer.zero_grad()
+        layer(x)
+        layer.backward(np.ones_like(y))
+    np.testing.assert_allclose(want, layer.weight.grad, rtol=1e-11)

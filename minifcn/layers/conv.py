@@ -122,18 +122,20 @@ class Conv2d(_Convolution):
         check_same_dtype(x, self.weight.data, "Conv2d")
         check_kernel_fits(x.shape, self.kernel_size, self.padding, self.dilation, "Conv2d")
         bias = None if self.bias is None else self.bias.data
-        y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias)
-        self._cache = (SavedInput(x), y.shape)  # the input (checked unchanged in backward), not its columns
+        memo = {}  # what a data-dependent route found out about x (its runs of repeated lines), for backward
+        y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias, memo=memo)
+        self._cache = (SavedInput(x), y.shape, memo)  # the input (checked unchanged in backward), not its columns
         return y
 
     def backward(self, dy):
         """dy: (N, Cout, OH, OW) -> dx: (N, Cin, H, W) (None if not input_grad); adds dW, db into .grad."""
-        saved, y_shape = need_forward(self._cache, "Conv2d")
+        saved, y_shape, memo = need_forward(self._cache, "Conv2d")
         check_grad(dy, y_shape, "Conv2d")
         x = saved.check("Conv2d")
         passes = self.route_facts(x.shape)
         if self.weight.trainable:
-            run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad)
+            run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad,
+                memo=memo)
         self._bias_grad(dy)
         return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry) if self.input_grad else None
 

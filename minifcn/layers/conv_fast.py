@@ -176,15 +176,22 @@ _RUNS = "repeated-lines"
 _RUNS_REASON = "stride 1, runs of identical rows or columns in x (FCN, outside the image): runs cut to the kernel"
 
 
-def _cuts_worth_it(x, u):
-    """(cuts, cut map) of x, or None where they would not save enough."""
+def _cuts_worth_it(x, u, memo=None):
+    """(cuts, cut map) of x, or None where they would not save enough. With a layer's ``memo``, the
+    forward's answer is kept there and the weight gradient of the same input reads it back."""
+    key = (_RUNS, x.shape, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, RUNS_MAX_FRACTION)
+    if memo is not None and key in memo:
+        return memo[key]
     cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED)
-    return (cuts, cut_x) if saved_fraction(cuts) <= RUNS_MAX_FRACTION else None
+    planned = (cuts, cut_x) if saved_fraction(cuts) <= RUNS_MAX_FRACTION else None
+    if memo is not None:
+        memo[key] = planned
+    return planned
 
 
 @register(FORWARD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", their output repeated",
           data_dependent=True)
-def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=None):
+def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
     """``C x (+ b)`` at stride 1 where x repeats lines: the cut map's convolution, its run lines repeated.
 
     Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. Along an
@@ -194,10 +201,10 @@ def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=
         y[..., o, :] = y_cut[..., a'+p, :]   for every such o   (a' = where the run starts in the cut map)
 
     and every other output reads the same lines in x and in the cut map. Without
-    enough runs in x, the next route computes it whole.
+    enough runs in x, the next route computes it whole. ``memo``: see :func:`_cuts_worth_it`.
     """
     u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
-    planned = _cuts_worth_it(x, u)
+    planned = _cuts_worth_it(x, u, memo)
     if planned is None:
         return run(FORWARD, (u, cout), x, weight, stride, padding, dilation, out_hw, bias=bias, skip=(_RUNS,))
     cuts, cut_x = planned
@@ -209,15 +216,16 @@ def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=
 
 @register(WEIGHT_GRAD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", dy summed over them",
           data_dependent=True)
-def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
     """``dW += dy . cols^T`` at stride 1 where x repeats lines. The outputs o of a run (as in
     :func:`forward_on_cut_runs`) all have the column of the cut map's one output a'+p, so::
 
         sum_o dy[o] cols[o]^T = (sum_o dy[o]) cols_cut[a'+p]^T
 
-    the weight gradient of the cut map with dy summed onto it (``sum_into_cut``). Else the next route."""
+    the weight gradient of the cut map with dy summed onto it (``sum_into_cut``). Else the next route.
+    ``memo``: the forward's, where it found the runs (:func:`_cuts_worth_it`)."""
     u, cout = conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:])
-    planned = _cuts_worth_it(x, u)
+    planned = _cuts_worth_it(x, u, memo)
     if planned is None:
         return run(WEIGHT_GRAD, (u, cout), dy, x, weight_shape, stride, padding, dilation,
                    accumulate=accumulate, skip=(_RUNS,))
