@@ -10,6 +10,7 @@ and two conditions: alone, and beside ``python -c "while 1: pass"`` (started bef
 
     python benchmarks/bench_under_load.py                       # 300 steps, 2 rounds
     python benchmarks/bench_under_load.py --steps 200 --rounds 3
+    python benchmarks/bench_under_load.py --also 16,20          # and OPENBLAS_THREAD_TIMEOUT=16 and =20
 """
 from __future__ import annotations
 
@@ -48,13 +49,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="training steps (images of one epoch, batch 1)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--image-size", type=int, default=128, help="image side (the training default: 128)")
+    p.add_argument("--also", default="", help="comma list of other OPENBLAS_THREAD_TIMEOUT values to time")
     args = p.parse_args(argv)
+    settings = dict(SETTINGS)
+    for value in filter(None, args.also.split(",")):
+        if not value.strip().isdigit():
+            raise SystemExit(f"--also: OPENBLAS_THREAD_TIMEOUT values are integers, got {value!r}")
+        settings[f"timeout {value.strip()}"] = value.strip()
     print(machine_line())
-    times = {(s, c): [] for s in SETTINGS for c in CONDITIONS}
+    times = {(s, c): [] for s in settings for c in CONDITIONS}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for condition in CONDITIONS:
-                for setting, value in SETTINGS.items():
+                for setting, value in settings.items():
                     busy = (subprocess.Popen([sys.executable, "-c", "while 1: pass"])
                             if condition != "alone" else None)
                     try:
@@ -67,7 +74,7 @@ def main(argv=None):
                             busy.kill()
                             busy.wait()
     rows = []
-    for setting in SETTINGS:
+    for setting in settings:
         alone = statistics.median(times[setting, "alone"])
         loaded = statistics.median(times[setting, CONDITIONS[1]])
         rows.append((setting, alone, loaded, loaded / alone,

@@ -44,13 +44,13 @@ def find_runs(x, axis, least):
     """Maximal runs ``[(a, b)]`` of at least ``least`` identical lines of x (N, C, H, W) along ``axis``
     (2: rows, 3: columns), identical in every image and channel.
 
-    Candidates come from three channels of the first image (a cheap pass: a
+    Candidates come from three or four channels of the first image (a cheap pass: a
     channel that is zero there, as a ReLU's gradient may be, does not decide
     alone); each is then checked on the whole batch, and split where it fails.
     """
     if least < 2 or x.shape[axis] < least or x.size == 0:
         return []
-    probe = x[0, ::max(1, (x.shape[1] - 1) // 2)]                               # (<= 3, H, W): a view
+    probe = x[0, ::max(1, (x.shape[1] - 1) // 2)]            # (at most 4 channels, H, W), spread over C; a view
     same = ((probe[:, 1:] == probe[:, :-1]).all(axis=(0, 2)) if axis == 2 else
             (probe[:, :, 1:] == probe[:, :, :-1]).all(axis=(0, 1)))
     same = to_numpy(same)
