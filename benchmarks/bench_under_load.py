@@ -55,7 +55,7 @@ def main(argv=None):
     for value in filter(None, args.also.split(",")):
         if not value.strip().isdigit():
             raise SystemExit(f"--also: OPENBLAS_THREAD_TIMEOUT values are integers, got {value!r}")
-        settings[f"timeout {value.strip()}"] = value.strip()
+        settings[f"timeout={value.strip()}"] = value.strip()
     print(machine_line())
     times = {(s, c): [] for s in settings for c in CONDITIONS}
     with tempfile.TemporaryDirectory() as tmp:
