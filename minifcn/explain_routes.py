@@ -12,11 +12,13 @@ and each layer's own ``route_facts``, the very facts its ``forward`` and
 training step and finds exactly the routes of this table. The SGD update is
 the last row. ReLU, Dropout, Crop and Add have one implementation each.
 
-With ``time=True`` each pass is run with random inputs by its textbook route
-and by the route the fast mode picks, and both medians are reported. A route that
-depends on the data as well (``repeated-lines``) names the route it hands over to
-where the data offers no shortcut; random inputs offer none, so its time there is
-that route's plus the search.
+With ``time=True`` each pass is run by its textbook route and by the route the
+fast mode picks, and both medians are reported: a convolution's forward and weight
+gradient on the input the layer gets in one forward pass of the model on a random
+image (so a data-dependent route such as ``repeated-lines`` meets the runs it finds
+in training; its weight gradient is timed with its own search, where a layer reads
+its forward's), everything else on random arrays. A data-dependent route also names
+the route it hands over to where the data offers no shortcut.
 """
 from __future__ import annotations
 
@@ -67,11 +69,12 @@ def _median_ms(call, repeats):
     return 1000.0 * float(np.median(times))
 
 
-def _conv_call(operation, route, facts, dtype, rng):
-    """A call of ``route.fn`` on random arrays of the geometry ``facts`` (the convolution C's)."""
+def _conv_call(operation, route, facts, dtype, rng, x=None):
+    """A call of ``route.fn`` on random arrays of the geometry ``facts`` (the convolution C's); ``x``, when
+    given, is C's input (a layer's input in a forward pass of the model), else random too."""
     u, cout = facts
     weight = rng.standard_normal((cout, u.x_shape[1], *u.kernel)).astype(dtype)
-    x = rng.standard_normal(u.x_shape).astype(dtype)
+    x = rng.standard_normal(u.x_shape).astype(dtype) if x is None else x
     dy = rng.standard_normal((u.x_shape[0], cout, *u.out_hw)).astype(dtype)
     geometry = (u.stride, u.padding, u.dilation)
     if operation == "conv_forward":
@@ -90,8 +93,16 @@ def _pool_call(pass_name, layer, x_shape, dtype, rng):
     return lambda: layer.backward(dy)
 
 
-def _timings(row, layer, facts, dtype, repeats, rng):
-    """(textbook ms, fast ms) of one pass."""
+def _layer_inputs(model, size, batch, dtype, rng):
+    """Each Conv2d's input in one forward pass of ``model`` on a random image batch: what a data-dependent
+    route sees in training (FCN's maps repeat lines outside the image, whatever the image)."""
+    model(rng.standard_normal((batch, 3, size, size)).astype(dtype))
+    return {name: layer._cache[0].array for name, layer in model.named_modules()
+            if isinstance(layer, Conv2d) and layer._cache is not None}
+
+
+def _timings(row, layer, facts, dtype, repeats, rng, x=None):
+    """(textbook ms, fast ms) of one pass (a convolution's on its input ``x`` when given)."""
     if row.kind == "MaxPool2d":
         call = _pool_call(row.pass_name, layer, row.input_shape, dtype, rng)
         out = []
@@ -101,7 +112,7 @@ def _timings(row, layer, facts, dtype, repeats, rng):
         return tuple(out)
     with routes.route("fast"):
         fast = routes.select(row.operation, *facts)
-    return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng), repeats)
+    return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng, x), repeats)
                  for r in (routes.textbook(row.operation), fast))
 
 
@@ -128,6 +139,7 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
     rng = np.random.default_rng(seed)
     blobs = fcn_blobs(model, size, size)
     shapes = {b.name: (batch, *b.shape) for b in blobs}
+    inputs = _layer_inputs(model, size, batch, dtype, rng) if time else {}
     rows = []
     for blob in blobs[1:]:
         layer = getattr(model, blob.name)
@@ -147,7 +159,8 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
             row = RouteRow(blob.name, type(layer).__name__, pass_name, operation, chosen.name, reason, x_shape,
                            _flops(operation, layer, facts), hands_over_to=then)
             if time:
-                row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng)
+                x = inputs.get(blob.name) if row.operation in ("conv_forward", "conv_weight_grad") else None
+                row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng, x)
             rows.append(row)
     size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
     chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)

@@ -138,6 +138,28 @@ def test_timed_table_has_both_columns():
     assert "textbook ms" in format_route_table(rows)
 
 
+def test_timed_table_gives_data_dependent_routes_the_layers_own_inputs(monkeypatch):
+    """--time runs a convolution's forward and weight gradient on the input of a real forward pass, so the
+    repeated-lines route meets the runs conv1_1's padding leaves (random arrays have none)."""
+    import minifcn.explain_routes as explain_routes  # noqa: PLC0415
+    from minifcn.layers.line_runs import find_runs  # noqa: PLC0415
+
+    given = {}
+    real = explain_routes._conv_call
+
+    def spied(operation, route_, facts, dtype, rng, x=None):
+        if route_.data_dependent:
+            given[(operation, facts[0].x_shape)] = x
+        return real(operation, route_, facts, dtype, rng, x)
+
+    monkeypatch.setattr(explain_routes, "_conv_call", spied)
+    model = build_model("fcn8s", width=0.125, num_classes=3)
+    with route("fast"):
+        route_table(model=model, size=48, time=True, repeats=1)
+    conv1_2 = [x for (op, shape), x in given.items() if shape == (1, 8, 246, 246)]  # 48 + 198
+    assert len(conv1_2) == 2 and all(x is not None and find_runs(x, 2, 7) for x in conv1_2), given.keys()
+
+
 def test_cli_explain_routes(capsys, monkeypatch):
     monkeypatch.setenv("MINIFCN_ROUTE", "fast")
     assert main(["explain", "routes", "--model", "fcn16s", "--size", "48", "--width", "0.0625"]) == 0
