@@ -17,7 +17,8 @@ fast mode picks, and both medians are reported: a convolution's forward and weig
 gradient on the input the layer gets in one forward pass of the model on a random
 image (so a data-dependent route such as ``repeated-lines`` meets the runs it finds
 in training; its weight gradient is timed with its own search, where a layer reads
-its forward's), everything else on random arrays. A data-dependent route also names
+its forward's; its input gradient up to runs reads the runs that pass found), everything
+else on random arrays. A data-dependent route also names
 the route it hands over to where the data offers no shortcut.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RouteRow:
 
 def _flops(operation, layer, facts):
     if operation.startswith("conv_"):
-        u, cout = facts
+        u, cout = facts[:2]
         return 2 * u.x_shape[0] * cout * u.out_hw[0] * u.out_hw[1] * u.rows
     out = layer.output_shape(facts[0])
     return int(np.prod(out)) * layer.kernel_size[0] * layer.kernel_size[1]
@@ -69,10 +70,11 @@ def _median_ms(call, repeats):
     return 1000.0 * float(np.median(times))
 
 
-def _conv_call(operation, route, facts, dtype, rng, x=None):
+def _conv_call(operation, route, facts, dtype, rng, x=None, memo=None):
     """A call of ``route.fn`` on random arrays of the geometry ``facts`` (the convolution C's); ``x``, when
-    given, is C's input (a layer's input in a forward pass of the model), else random too."""
-    u, cout = facts
+    given, is C's input (a layer's input in a forward pass of the model), else random too; ``memo``, when
+    given, the layer's from that pass (what an input gradient up to runs reads)."""
+    u, cout = facts[:2]
     weight = rng.standard_normal((cout, u.x_shape[1], *u.kernel)).astype(dtype)
     x = rng.standard_normal(u.x_shape).astype(dtype) if x is None else x
     dy = rng.standard_normal((u.x_shape[0], cout, *u.out_hw)).astype(dtype)
@@ -80,7 +82,8 @@ def _conv_call(operation, route, facts, dtype, rng, x=None):
     if operation == "conv_forward":
         return lambda: route.fn(x, weight, *geometry, u.out_hw)
     if operation == "conv_input_grad":
-        return lambda: route.fn(dy, weight, u.x_shape, *geometry)
+        extra = {"memo": memo} if route.data_dependent and memo is not None else {}
+        return lambda: route.fn(dy, weight, u.x_shape, *geometry, **extra)
     grad = np.zeros(weight.shape, dtype)
     return lambda: route.fn(dy, x, weight.shape, *geometry, accumulate=grad)
 
@@ -94,15 +97,16 @@ def _pool_call(pass_name, layer, x_shape, dtype, rng):
 
 
 def _layer_inputs(model, size, batch, dtype, rng):
-    """Each Conv2d's input in one forward pass of ``model`` on a random image batch: what a data-dependent
-    route sees in training (FCN's maps repeat lines outside the image, whatever the image)."""
+    """Each Conv2d's (input, memo) in one forward pass of ``model`` on a random image batch: what a
+    data-dependent route sees in training (FCN's maps repeat lines outside the image, whatever the image)."""
     model(rng.standard_normal((batch, 3, size, size)).astype(dtype))
-    return {name: layer._cache[0].array for name, layer in model.named_modules()
+    return {name: (layer._cache[0].array, layer._cache[2]) for name, layer in model.named_modules()
             if isinstance(layer, Conv2d) and layer._cache is not None}
 
 
-def _timings(row, layer, facts, dtype, repeats, rng, x=None):
-    """(textbook ms, fast ms) of one pass (a convolution's on its input ``x`` when given)."""
+def _timings(row, layer, facts, dtype, repeats, rng, x=None, memo=None):
+    """(textbook ms, fast ms) of one pass (a convolution's on its input ``x``, or with its ``memo``, when
+    given)."""
     if row.kind == "MaxPool2d":
         call = _pool_call(row.pass_name, layer, row.input_shape, dtype, rng)
         out = []
@@ -112,7 +116,7 @@ def _timings(row, layer, facts, dtype, repeats, rng, x=None):
         return tuple(out)
     with routes.route("fast"):
         fast = routes.select(row.operation, *facts)
-    return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng, x), repeats)
+    return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng, x, memo), repeats)
                  for r in (routes.textbook(row.operation), fast))
 
 
@@ -159,8 +163,10 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
             row = RouteRow(blob.name, type(layer).__name__, pass_name, operation, chosen.name, reason, x_shape,
                            _flops(operation, layer, facts), hands_over_to=then)
             if time:
-                x = inputs.get(blob.name) if row.operation in ("conv_forward", "conv_weight_grad") else None
-                row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng, x)
+                x, memo = inputs.get(blob.name, (None, None))
+                if row.operation not in ("conv_forward", "conv_weight_grad"):
+                    x = None
+                row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng, x, memo)
             rows.append(row)
     size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
     chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)

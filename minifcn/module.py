@@ -198,7 +198,7 @@ class Module:
         return "\n".join(lines) + "\n)"
 
 
-def input_grad_switch(first_layer: str):
+def input_grad_switch(first_layer: str, up_to_runs: bool = False):
     """A model property ``input_grad`` that turns the input gradient of its first layer on and off.
 
     True by default (gradient checks and saliency need it). Training sets it
@@ -206,12 +206,22 @@ def input_grad_switch(first_layer: str):
     one: the first convolution's input-gradient product, often on the
     largest map of the network (FCN's padding 100), is never computed, and
     the model's ``backward`` returns None.
+
+    ``up_to_runs``: the model's maps repeat lines for any parameters (FCN's
+    padding), so with the input gradient off, every other convolution's dx only
+    feeds parameter gradients and may be exact up to those runs
+    (``Conv2d.input_grad_up_to_runs``, set and cleared here with the switch).
     """
     def get(self):
         return getattr(self, first_layer).input_grad
 
     def set(self, value):
-        getattr(self, first_layer).input_grad = bool(value)
+        first = getattr(self, first_layer)
+        first.input_grad = bool(value)
+        if up_to_runs:
+            for layer in self.modules():
+                if hasattr(layer, "input_grad_up_to_runs") and layer is not first:
+                    layer.input_grad_up_to_runs = not value
 
     return property(get, set, doc=f"Whether backward computes the input's gradient (at layer {first_layer}).")
 

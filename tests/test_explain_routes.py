@@ -51,7 +51,7 @@ def _row_key(row, model):
     layer = getattr(model, row.layer)
     _, facts = layer.route_facts(row.input_shape)[row.pass_name]
     if row.operation.startswith("conv_"):
-        return _conv_key(*facts)
+        return _conv_key(*facts[:2])  # (an input gradient's facts also say whether it may be up to runs)
     return tuple(layer.output_shape(row.input_shape))
 
 
@@ -140,24 +140,28 @@ def test_timed_table_has_both_columns():
 
 def test_timed_table_gives_data_dependent_routes_the_layers_own_inputs(monkeypatch):
     """--time runs a convolution's forward and weight gradient on the input of a real forward pass, so the
-    repeated-lines route meets the runs conv1_1's padding leaves (random arrays have none)."""
+    repeated-lines route meets the runs conv1_1's padding leaves (random arrays have none), and its input
+    gradient up to runs with the memo of that pass (the runs it found)."""
     import minifcn.explain_routes as explain_routes  # noqa: PLC0415
     from minifcn.layers.line_runs import find_runs  # noqa: PLC0415
 
     given = {}
     real = explain_routes._conv_call
 
-    def spied(operation, route_, facts, dtype, rng, x=None):
+    def spied(operation, route_, facts, dtype, rng, x=None, memo=None):
         if route_.data_dependent:
-            given[(operation, facts[0].x_shape)] = x
-        return real(operation, route_, facts, dtype, rng, x)
+            given[(operation, facts[0].x_shape)] = (x, memo)
+        return real(operation, route_, facts, dtype, rng, x, memo)
 
     monkeypatch.setattr(explain_routes, "_conv_call", spied)
     model = build_model("fcn8s", width=0.125, num_classes=3)
     with route("fast"):
         route_table(model=model, size=48, time=True, repeats=1)
-    conv1_2 = [x for (op, shape), x in given.items() if shape == (1, 8, 246, 246)]  # 48 + 198
-    assert len(conv1_2) == 2 and all(x is not None and find_runs(x, 2, 7) for x in conv1_2), given.keys()
+    conv1_2 = {op: x for (op, shape), x in given.items() if shape == (1, 8, 246, 246)}  # 48 + 198
+    assert sorted(conv1_2) == ["conv_forward", "conv_input_grad", "conv_weight_grad"], given.keys()
+    assert all(find_runs(conv1_2[op][0], 2, 7) for op in ("conv_forward", "conv_weight_grad"))
+    memo = conv1_2["conv_input_grad"][1]
+    assert any(key[0] == "repeated-lines" and plan is not None for key, plan in memo.items()), memo.keys()
 
 
 def test_cli_explain_routes(capsys, monkeypatch):
@@ -172,13 +176,16 @@ def test_cli_explain_routes(capsys, monkeypatch):
 
 
 def test_cli_names_the_routes_of_conv1_2(capsys, monkeypatch):
-    """The README's training model: conv1_2 (8 -> 8 at 328 x 328) looks for runs of identical lines,
-    and hands over to the shifted products where there are none."""
+    """The README's training model: conv1_2 (8 -> 8 at 328 x 328) looks for runs of identical lines in
+    every pass (its input gradient only up to runs: the model's input gradient is off in training), and
+    hands over to the shifted products (the flipped kernel) where there are none."""
     monkeypatch.setenv("MINIFCN_ROUTE", "fast")
     assert main(["explain", "routes", "--model", "fcn8s", "--size", "128", "--width", "0.125"]) == 0
     cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()]
     conv1_2 = {row[1]: row for row in cells if row[0] == "conv1_2"}  # pass -> cells
     assert {p: row[2] for p, row in conv1_2.items()} == {
-        "forward": "repeated-lines", "input grad": "flipped-kernel", "weight grad": "repeated-lines"}
+        "forward": "repeated-lines", "input grad": "repeated-lines", "weight grad": "repeated-lines"}
     for name in ("forward", "weight grad"):
         assert conv1_2[name][-1].endswith("where the data offers none: shifted"), conv1_2[name]
+    assert conv1_2["input grad"][-1].endswith("where the data offers none: flipped-kernel")
+    assert "exact up to the runs" in conv1_2["input grad"][-1]

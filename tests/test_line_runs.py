@@ -2,8 +2,10 @@
 
 The convolution routes built on it (``repeated-lines``) are checked against the
 textbook route in tests/test_conv_fast.py; here, the pieces: which runs are
-found (and which are not), the bookkeeping of a cut, and that summing dy onto
-the cut output is the adjoint of expanding the cut output.
+found (and which are not), the bookkeeping of a cut, that summing dy onto
+the cut output is the adjoint of expanding the cut output, and that an input
+gradient up to runs is what its name says: not ``C^T dy``, but the same inner
+product with every change of the input that keeps its runs.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import pytest
 
 from minifcn import route
 from minifcn.layers import Conv2d, conv_fast, line_runs
-from minifcn.layers.line_runs import LineCut, expand_output, find_runs, plan_cuts, sum_into_cut
+from minifcn.layers.line_runs import (LineCut, expand_output, find_runs, plan_cuts, put_lines, sum_into_cut,
+                                      take_lines)
 
 
 def repeated(rng, shape, row_counts, col_counts):
@@ -123,3 +126,68 @@ def test_the_weight_gradient_reads_the_runs_its_forward_found(monkeypatch):
         layer(x)
         layer.backward(np.ones_like(y))
     np.testing.assert_allclose(want, layer.weight.grad, rtol=1e-11)
+
+
+def test_putting_lines_back_is_the_adjoint_of_cutting():
+    """<put_lines(a), b> == <a, cut(b)>: T^T of the input gradient up to runs."""
+    rng = np.random.default_rng(6)
+    x = repeated(rng, (2, 3), [3, 9, 1, 11], [8, 2, 12])
+    cuts, cut_x = plan_cuts(x, (3, 3), (1, 1), (1, 1), 2)
+    assert all(c.runs for c in cuts)
+    a, b = rng.standard_normal(cut_x.shape), rng.standard_normal(x.shape)
+    cut_b = take_lines(take_lines(b, 2, cuts[0].keep), 3, cuts[1].keep)
+    assert np.isclose(np.vdot(put_lines(a, cuts, x.shape), b), np.vdot(a, cut_b), rtol=1e-12)
+    np.testing.assert_array_equal(take_lines(take_lines(put_lines(a, cuts, x.shape), 2, cuts[0].keep), 3,
+                                             cuts[1].keep), a)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-11), (np.float32, 2e-5)])
+def test_an_input_gradient_up_to_runs_acts_as_the_exact_one_on_changes_that_keep_them(dtype, tol):
+    """On an FCN-like map: dx up to runs differs from C^T dy, but <dx, v> is the same for every v with the
+    input's runs (the changes of x the layers below can make), and the weight gradient is unchanged."""
+    rng = np.random.default_rng(7)
+    x = np.empty((2, 8, 90, 90), dtype=dtype)
+    x[...] = rng.standard_normal((2, 8, 1, 1))
+    x[:, :, 30:60, 30:60] = rng.standard_normal((2, 8, 30, 30))
+    layer = Conv2d(8, 4, 3, padding=1, dtype=dtype, rng=0)
+    dy = rng.standard_normal((2, 4, 90, 90)).astype(dtype)
+    grads = {}
+    for up_to_runs in (False, True):
+        layer.input_grad_up_to_runs = up_to_runs
+        layer.zero_grad()
+        with route("fast"):
+            layer(x)
+            grads[up_to_runs] = (layer.backward(dy), layer.weight.grad.copy(), layer.bias.grad.copy())
+    (exact, dw, db), (cut, dw_cut, db_cut) = grads[False], grads[True]
+    assert cut.dtype == dtype and np.abs(cut - exact).max() > 0.1 * np.abs(exact).max()  # not C^T dy
+    def gap(v):  # |<dx_cut - dx, v>| against the size of the terms
+        return float(abs(np.vdot(cut, v) - np.vdot(exact, v)) / (np.abs(exact).sum() * np.abs(v).max()))
+
+    for _ in range(5):  # changes that keep the runs: constant outside the core, like x itself
+        v = np.empty_like(x)
+        v[...] = rng.standard_normal((2, 8, 1, 1))
+        v[:, :, 30:60, 30:60] = rng.standard_normal((2, 8, 30, 30))
+        assert gap(v) < tol
+    np.testing.assert_allclose(dw_cut, dw, rtol=tol, atol=tol * np.abs(dw).max())
+    np.testing.assert_allclose(db_cut, db, rtol=tol)
+    assert gap(rng.standard_normal(x.shape).astype(dtype)) > 1e-3  # a change that breaks the runs: they differ
+
+
+def test_an_input_gradient_wanted_for_itself_is_exact():
+    """The layer's switch is off by default, and without the forward's runs (no memo, or textbook mode)
+    the route hands over to the exact one."""
+    rng = np.random.default_rng(8)
+    x = repeated(rng, (1, 4), [40, 2, 40], [35, 1, 45])
+    layer = Conv2d(4, 4, 3, padding=1, dtype=np.float64, rng=0)
+    assert layer.input_grad_up_to_runs is False
+    dy = rng.standard_normal(layer.output_shape(x.shape))
+    with route("textbook"):
+        layer(x)
+        want = layer.backward(dy)
+    for up_to_runs, mode in ((False, "fast"), (True, "textbook")):
+        layer.input_grad_up_to_runs = up_to_runs
+        with route(mode):
+            layer(x)
+            np.testing.assert_allclose(layer.backward(dy), want, rtol=1e-12)
+    got = conv_fast.input_grad_up_to_runs(dy, layer.weight.data, x.shape, (1, 1), (1, 1), (1, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-12)

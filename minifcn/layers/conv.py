@@ -93,7 +93,10 @@ class Conv2d(_Convolution):
     Args (PyTorch meanings): in_channels, out_channels, kernel_size, stride=1, padding=0 (zeros),
     dilation=1, bias=True (ints or (h, w) pairs); dtype (float32) and rng (Generator or seed) for the
     initial weights. ``input_grad = False`` on a first layer (an image needs no gradient): backward
-    then only accumulates dW and db and returns None.
+    then only accumulates dW and db and returns None. ``input_grad_up_to_runs = True`` (off by default):
+    the layer's dx only feeds the parameter gradients of the layers below, and the runs of repeated lines
+    in its input stay for any parameters (FCN's padding); then the input gradient may be one exact only
+    up to those runs (:mod:`minifcn.layers.line_runs`), which costs a fraction of ``C^T dy``.
     Shapes: (N, Cin, H, W) -> (N, Cout, OH, OW), ``OH = floor((H + 2p - d(k-1) - 1) / s) + 1``;
     weight (Cout, Cin, kh, kw), bias (Cout,). Loop twin: :func:`minifcn.reference.conv2d` and
     ``conv2d_backward``. Routes: :meth:`route_facts` names the operation of each pass.
@@ -104,6 +107,7 @@ class Conv2d(_Convolution):
         super().__init__("Conv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, bias, dtype,
                          rng, (int(out_channels), int(in_channels)))
         self.input_grad = True
+        self.input_grad_up_to_runs = False
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_channels) + tuple(
@@ -113,7 +117,8 @@ class Conv2d(_Convolution):
         """Pass -> (operation, facts for :func:`minifcn.routes.select`), or (None, why it is skipped)."""
         facts = conv_facts(x_shape, self.weight.shape, *self.geometry)
         return {"forward": (FORWARD, facts),
-                "input grad": (INPUT_GRAD, facts) if self.input_grad else (None, "input_grad is off"),
+                "input grad": ((INPUT_GRAD, (*facts, self.input_grad_up_to_runs)) if self.input_grad
+                               else (None, "input_grad is off")),
                 "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed")}
 
     def forward(self, x):
@@ -137,7 +142,9 @@ class Conv2d(_Convolution):
             run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad,
                 memo=memo)
         self._bias_grad(dy)
-        return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry) if self.input_grad else None
+        if not self.input_grad:
+            return None
+        return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry, memo=memo)
 
 
 class ConvTranspose2d(_Convolution):

@@ -9,15 +9,18 @@ every route against the textbook one on random geometries.
 
 Every rule receives the *facts* of the convolution ``C`` being computed or
 transposed: its :class:`~minifcn.layers.columns.Unfolding` ``u`` (input shape
-and geometry) and its number of output channels ``cout``.
+and geometry) and its number of output channels ``cout``; an input gradient's
+rule also ``up_to_runs``, whether the layer takes a gradient exact only up to
+its input's runs of repeated lines (``Conv2d.input_grad_up_to_runs``).
 
 Every op, first:
   ``padding-core``    most outputs see only padding (FCN's conv1_1, padded by 100): those are the bias
                       (forward) or contribute nothing (gradients); the rest is a convolution of the
                       core window with less padding, by the best route for it
-Forward and weight gradient, next:
+Every op, next:
   ``repeated-lines``  stride 1, the input repeats a row or column many times (FCN's maps outside the image,
-                      a fact of the data): the map with each run cut to the kernel's span; else the next route
+                      a fact of the data): the map with each run cut to the kernel's span; else the next route.
+                      The input gradient only where the layer takes one up to those runs.
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
@@ -43,7 +46,7 @@ from ..parallel import run_bands, workers_for
 from ..routes import register, run
 from ._checks import check_accumulate
 from .columns import Unfolding, conv_output_size, workspace
-from .line_runs import expand_output, plan_cuts, saved_fraction, sum_into_cut
+from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
 
@@ -92,7 +95,7 @@ def padding_core(u):
     return (r0, r1), (c0, c1), (ph, pw)
 
 
-def core_applies(u, cout=None):
+def core_applies(u, cout=None, up_to_runs=False):
     """The outputs that see the input are at most ``CORE_MAX_FRACTION`` of all."""
     core = padding_core(u)
     if core is None:
@@ -151,10 +154,12 @@ def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumula
 # (and one column) over most of their extent, outside the image's footprint
 # (:mod:`minifcn.layers.line_runs`). Where the input has such runs, the forward
 # and the weight gradient run on the map with each run cut to the kernel's
-# span; the input gradient cannot (dy does not repeat). The runs are a fact of
-# the data, not of the geometry: the rule only says where they are looked for,
-# and a map without enough of them goes to the next route (``skip=``); the
-# input gradients' own convolutions of dy do not search it.
+# span. The exact input gradient cannot (dy does not repeat), but one exact up
+# to the runs can, where the layer asks for no more (``up_to_runs``, see
+# line_runs). The runs are a fact of the data, not of the geometry: the rule
+# only says where they are looked for, and a map without enough of them goes to
+# the next route (``skip=``); the input gradients' own convolutions of dy do not
+# search it.
 
 # Rules (figures in benchmarks/RESULTS.md, "repeated lines"): the search, the
 # gathers and the expansion cost a few passes over the map, so the route pays
@@ -176,10 +181,14 @@ _RUNS = "repeated-lines"
 _RUNS_REASON = "stride 1, runs of identical rows or columns in x (FCN, outside the image): runs cut to the kernel"
 
 
+def _plan_key(u):
+    return (_RUNS, u.x_shape, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, RUNS_MAX_FRACTION)
+
+
 def _cuts_worth_it(x, u, memo=None):
     """(cuts, cut map) of x, or None where they would not save enough. With a layer's ``memo``, the
     forward's answer is kept there and the weight gradient of the same input reads it back."""
-    key = (_RUNS, x.shape, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, RUNS_MAX_FRACTION)
+    key = _plan_key(u)
     if memo is not None and key in memo:
         return memo[key]
     cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED)
@@ -230,10 +239,57 @@ def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accu
         return run(WEIGHT_GRAD, (u, cout), dy, x, weight_shape, stride, padding, dilation,
                    accumulate=accumulate, skip=(_RUNS,))
     cuts, cut_x = planned
-    dy_cut = sum_into_cut(dy, cuts)
+    dy_cut = _summed_onto_cut(dy, cuts, memo)
     geometry = (u.stride, u.padding, u.dilation)
     return run(WEIGHT_GRAD, conv_facts(cut_x.shape, weight_shape, *geometry, dy_cut.shape[2:]),
                dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, skip=(_RUNS,))
+
+
+def _summed_onto_cut(dy, cuts, memo):
+    """``sum_into_cut(dy, cuts)``, computed once per dy: the weight and input gradients share it (memo)."""
+    if memo is not None and memo.get(_DY_CUT, (None,))[0] is dy:
+        return memo[_DY_CUT][1]
+    dy_cut = sum_into_cut(dy, cuts)
+    if memo is not None:
+        memo[_DY_CUT] = (dy, dy_cut)
+    return dy_cut
+
+
+_DY_CUT = (_RUNS, "dy summed onto the cut output")
+
+
+@register(INPUT_GRAD, _RUNS, applies=lambda u, cout, up_to_runs=False: up_to_runs and runs_applies(u),
+          data_dependent=True,
+          reason=_RUNS_REASON + ": the cut map's input gradient, exact up to the runs (the layer takes no more)")
+def input_grad_up_to_runs(dy, weight, x_shape, stride, padding, dilation, memo=None):
+    """A ``dx`` exact up to the runs of the forward's input, where the layer takes one (``up_to_runs``).
+
+    With the forward ``y = E C_cut T x`` (T keeps the cut map's lines, C_cut is
+    the convolution of the cut map, E repeats each run's output line), every
+    change v of x that keeps its runs has ``C v = E C_cut T v``, so::
+
+        <dy, C v> = <T^T C_cut^T E^T dy, v>
+
+    ``E^T dy`` is dy summed onto the cut output (as in the weight gradient),
+    ``C_cut^T`` the cut map's input gradient (any route), ``T^T`` puts it back
+    on the kept lines, zeros elsewhere (``put_lines``). The result is not
+    ``C^T dy``, but it has the same sums over each run and gives the same
+    inner product with every such v: all a layer below needs for its parameter
+    gradients when the runs stay for any parameters (FCN's padding,
+    :mod:`minifcn.layers.line_runs`). It reads the runs from the forward's
+    ``memo``; without them (or without a memo) the next route computes ``C^T dy``.
+    """
+    u, cout = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    key = _plan_key(u)
+    planned = None if memo is None else memo.get(key)
+    if planned is None:
+        return run(INPUT_GRAD, (u, cout), dy, weight, x_shape, stride, padding, dilation, skip=(_RUNS,))
+    cuts, cut_x = planned
+    dy_cut = _summed_onto_cut(dy, cuts, memo)
+    geometry = (u.stride, u.padding, u.dilation)
+    dx_cut = run(INPUT_GRAD, conv_facts(cut_x.shape, weight.shape, *geometry, dy_cut.shape[2:]),
+                 dy_cut, weight, cut_x.shape, *geometry)
+    return put_lines(dx_cut, cuts, x_shape)
 
 
 # --------------------------------------------------------------------------- forward: y = C x
@@ -481,7 +537,7 @@ def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=Non
 
 # --------------------------------------------------------------------------- input gradient: dx = C^T dy
 
-@register(INPUT_GRAD, "pointwise", applies=lambda u, cout: u.pointwise,
+@register(INPUT_GRAD, "pointwise", applies=lambda u, cout, up_to_runs=False: u.pointwise,
           reason="1x1, stride 1, no padding: dx = W^T dy, the columns are dx itself")
 def input_grad_pointwise(dy, weight, x_shape, stride, padding, dilation):
     """``C^T dy`` of a 1x1 convolution: one product ``W^T dy`` and no col2im."""
@@ -495,7 +551,7 @@ def _full_padding(u):
     return tuple((k - 1) * d - p for k, d, p in zip(u.kernel, u.dilation, u.padding))
 
 
-def flipped_kernel_applies(u, cout=None):
+def flipped_kernel_applies(u, cout=None, up_to_runs=False):
     """Stride 1, dy reaches every input pixel (not past an output_padding), and
     the input has no more pixels than dy (not fc6's 7x7 on a small map, where
     the flipped convolution would multiply mostly padding)."""
@@ -527,7 +583,7 @@ def input_grad_by_flipped_kernel(dy, weight, x_shape, stride, padding, dilation)
                skip=(_RUNS,))  # dy does not repeat lines: not searched
 
 
-@register(INPUT_GRAD, "sub-pixel", applies=lambda u, cout: u.blocked,
+@register(INPUT_GRAD, "sub-pixel", applies=lambda u, cout, up_to_runs=False: u.blocked,
           reason="stride divides kernel (k = m*s): a stride-1 m x m convolution, then depth to space")
 def input_grad_by_blocks(dy, weight, x_shape, stride, padding, dilation):
     """``C^T dy`` when the stride divides the kernel (``k = m*s``, dilation 1): a sub-pixel convolution.

@@ -14,6 +14,19 @@ answers are the same numbers, from a fraction of the work.
 
 Lines are compared exactly (``==`` over every image and channel): NaNs never
 match, so a map holding them is never cut.
+
+**Input gradients up to runs.** dy does not repeat, so the exact input
+gradient ``C^T dy`` cannot be cut. But a layer below uses dx only through
+``<dx, v>`` for the changes v of x its parameters can make, and where the runs
+come from padding (FCN) every such change keeps them: outside the image a map
+stays constant line after line for any weights. For those v, ``C v`` is the cut
+convolution's output expanded, so the cut map's input gradient of the summed dy,
+put back on the kept lines (:func:`put_lines`, zeros elsewhere), gives the same
+``<dx, v>``: the same sums over each run, though not the same values. Every
+parameter gradient below comes out exact. A layer takes such a dx only when it
+is told so (``Conv2d.input_grad_up_to_runs``; FCN sets it while its input
+gradient is off, ``model.input_grad = False``); an input gradient wanted for
+itself (a gradient check, a saliency map) is always the exact one.
 """
 from __future__ import annotations
 
@@ -136,6 +149,16 @@ def take_lines(x, axis, keep):
     """x with only the lines ``keep`` (sorted indices) along ``axis``."""
     xp = get_array_module(x)
     return xp.take(x, xp.asarray(keep), axis=axis)
+
+
+def put_lines(x_cut, cuts, shape):
+    """A zero map of ``shape`` with the cut map's lines put back where they were kept: the adjoint
+    of cutting (``take_lines`` along rows, then columns)."""
+    xp = get_array_module(x_cut)
+    rows, cols = (xp.asarray(cut.keep) for cut in cuts)
+    x = xp.zeros(shape, dtype=x_cut.dtype)
+    x[:, :, rows[:, None], cols[None, :]] = x_cut
+    return x
 
 
 def expand_output(y_cut, cuts):
