@@ -106,6 +106,14 @@ class LineCut:
             mask[a + self.span:b] = False
         return np.flatnonzero(mask)
 
+    @cached_property
+    def kept_ranges(self):
+        """[(full0, full1, cut0, cut1)]: input lines full0..full1-1 are the cut map's lines cut0..cut1-1."""
+        keep = self.keep
+        starts = np.flatnonzero(np.diff(keep, prepend=-2) != 1)      # where a range of consecutive lines begins
+        ends = np.append(starts[1:], len(keep))
+        return [(int(keep[a]), int(keep[b - 1]) + 1, int(a), int(b)) for a, b in zip(starts, ends)]
+
     @property
     def out_size(self):
         """Output length of the full convolution."""
@@ -155,9 +163,11 @@ def put_lines(x_cut, cuts, shape):
     """A zero map of ``shape`` with the cut map's lines put back where they were kept: the adjoint
     of cutting (``take_lines`` along rows, then columns)."""
     xp = get_array_module(x_cut)
-    rows, cols = (xp.asarray(cut.keep) for cut in cuts)
     x = xp.zeros(shape, dtype=x_cut.dtype)
-    x[:, :, rows[:, None], cols[None, :]] = x_cut
+    rows, cols = (cut.kept_ranges for cut in cuts)
+    for r0, r1, s0, s1 in rows:            # a few blocks of consecutive lines (a fancy index is 4x slower)
+        for c0, c1, t0, t1 in cols:
+            x[:, :, r0:r1, c0:c1] = x_cut[:, :, s0:s1, t0:t1]
     return x
 
 
