@@ -148,15 +148,16 @@ def plan_cuts(x, kernel, padding, dilation, least_saved):
         span = d * (k - 1) + 1
         cut = LineCut(tuple(find_runs(cut_x, axis, span + least_saved)), span, p, x.shape[axis])
         if cut.runs:
-            cut_x = take_lines(cut_x, axis, cut.keep)
+            cut_x = take_lines(cut_x, axis, cut)
         cuts.append(cut)
     return tuple(cuts), cut_x
 
 
-def take_lines(x, axis, keep):
-    """x with only the lines ``keep`` (sorted indices) along ``axis``."""
+def take_lines(x, axis, cut):
+    """x with only the lines ``cut`` keeps along ``axis``: its blocks of consecutive lines, joined
+    (along the last axis 3x faster than a gather of the indices)."""
     xp = get_array_module(x)
-    return xp.take(x, xp.asarray(keep), axis=axis)
+    return xp.concatenate([_lines(x, axis, a, b) for a, b, _, _ in cut.kept_ranges], axis=axis)
 
 
 def put_lines(x_cut, cuts, shape):
