@@ -11,6 +11,7 @@ import pytest
 import minifcn.layers.conv as conv_module
 import minifcn.models.vgg as vgg_module
 import minifcn.module as module_module
+from minifcn import routes
 from minifcn.backend import to_device, to_numpy
 from minifcn.gradcheck import check_layer
 from minifcn.layers import ConvTranspose2d, Crop, Scale, bilinear_kernel, upsample_filt
@@ -382,7 +383,7 @@ def test_input_grad_off_returns_none_and_the_same_parameter_gradients(name, grad
                                        err_msg=n)
         else:
             np.testing.assert_array_equal(to_numpy(with_dx[n]), to_numpy(without[n]), err_msg=n)
-    assert (len(cut) >= 3) == (name == "fcn8s"), cut
+    assert (len(cut) >= 3) == (name == "fcn8s" and routes.mode() == "fast"), cut  # (none on the textbook route)
     model.input_grad = True  # and back: every input gradient exact again
     assert all(not getattr(m, "input_grad_up_to_runs", False) for m in model.modules())
 
