@@ -191,3 +191,19 @@ def test_an_input_gradient_wanted_for_itself_is_exact():
             np.testing.assert_allclose(layer.backward(dy), want, rtol=1e-12)
     got = conv_fast.input_grad_up_to_runs(dy, layer.weight.data, x.shape, (1, 1), (1, 1), (1, 1))
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_both_gradients_sum_dy_onto_the_cut_once(monkeypatch):
+    """The weight gradient and the input gradient up to runs share one summed dy, and the layer's memo
+    does not keep it (nor dy) after the backward."""
+    rng = np.random.default_rng(9)
+    x = repeated(rng, (1, 4), [30, 1, 2, 40], [25, 3, 1, 30])
+    sums = []
+    monkeypatch.setattr(conv_fast, "sum_into_cut", lambda *a, _f=conv_fast.sum_into_cut: sums.append(1) or _f(*a))
+    layer = Conv2d(4, 3, 3, padding=1, dtype=np.float64, rng=0)
+    layer.input_grad_up_to_runs = True
+    with route("fast"):
+        y = layer(x)
+        layer.backward(rng.standard_normal(y.shape))
+    assert len(sums) == 1
+    assert all(len(key) > 2 for key in layer._cache[2]), list(layer._cache[2])  # only the forward's plan

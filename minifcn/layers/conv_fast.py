@@ -286,6 +286,7 @@ def input_grad_up_to_runs(dy, weight, x_shape, stride, padding, dilation, memo=N
         return run(INPUT_GRAD, (u, cout), dy, weight, x_shape, stride, padding, dilation, skip=(_RUNS,))
     cuts, cut_x = planned
     dy_cut = _summed_onto_cut(dy, cuts, memo)
+    memo.pop(_DY_CUT, None)  # the layer's last use of it (its weight gradient comes first): not kept
     geometry = (u.stride, u.padding, u.dilation)
     dx_cut = run(INPUT_GRAD, conv_facts(cut_x.shape, weight.shape, *geometry, dy_cut.shape[2:]),
                  dy_cut, weight, cut_x.shape, *geometry)
