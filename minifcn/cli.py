@@ -48,7 +48,12 @@ def _add_train(sub):
     p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints, pictures")
     p.add_argument("--width", type=float, default=d.width, help="channel multiplier (1.0 = the paper's VGG16)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per SGD step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per SGD step and rank (the global batch: ranks x batch size)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="data-parallel processes of this machine that train one model, each on its own images "
+                        "(minifcn.local_ranks; 1: this process alone) (default: minifcn.train.LOCAL_RANKS, 2; "
+                        "1 under mpiexec, whose -n gives the ranks)")
     p.add_argument("--lr", type=float, default=d.lr,
                    help="base learning rate; with --reduction sum about (pixels per batch) times smaller "
                         "(minifcn.optim.suggest_lr converts)")
@@ -101,7 +106,7 @@ def cmd_train(args):
     from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, train  # noqa: PLC0415
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, out=args.out, width=args.width,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                      epochs=args.epochs, batch_size=args.batch_size, ranks=args.ranks, lr=args.lr, momentum=args.momentum,
                       weight_decay=args.weight_decay, reduction=args.reduction, schedule=args.schedule,
                       poly_power=args.poly_power, warmup=args.warmup,
                       learn_upsampling=args.learn_upsampling, dropout=args.dropout, image_size=args.image_size,

@@ -33,6 +33,11 @@ normalised over the global batch, gradients are averaged, evaluation is
 sharded and its confusion matrices summed, and rank 0 alone writes the run
 folder. With one process the communicator is a stand-in whose operations do
 nothing.
+
+Without a launcher, ``ranks`` (default :data:`LOCAL_RANKS`, 2) runs the same
+data-parallel loop on that many processes of this machine, which ``train``
+starts itself (:mod:`minifcn.local_ranks`): one process at batch 1 keeps only
+about one core busy. ``ranks=1`` trains in this process.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ from .backend import check_device, get_array_module, to_device, to_numpy
 from .checkpoint import (SUFFIX, CheckpointError, checkpoint_writer, first_nonfinite, load_checkpoint, read_meta,
                          split_prefix)
 from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, validate_dataset
+from . import local_ranks
 from .distributed import global_loss, world
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
@@ -89,8 +95,9 @@ class TrainConfig:
     out: str = "runs/shapes-fcn8s"
     width: float = 0.125
     epochs: int = 6
-    batch_size: int = 1            # twice the updates of batch 2 for the same work: mean IU 0.909 against 0.897 after 7 epochs (benchmarks/RESULTS.md)
-    lr: float = 0.005              # 0.01 dips while the rate is high; it ends 0.89 to 0.91 by float path (RESULTS.md)
+    batch_size: int = 1            # per rank; the global batch is ranks x batch_size (x the mpiexec ranks)
+    ranks: int | None = None       # processes of this machine (minifcn.local_ranks); None: LOCAL_RANKS, 1 under mpiexec
+    lr: float = 0.01               # for the default global batch of 2 (batch 1 alone: 0.005; benchmarks/RESULTS.md)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     reduction: str = "mean"        # 'mean' per pixel, or 'sum' as in the reference (then lr ~ 1e-10 for VOC)
@@ -125,6 +132,23 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+# Data-parallel processes `train` starts on this machine when ranks is None (not under mpiexec): two ranks of
+# batch 1 use both cores of a small machine, where one process at batch 1 keeps about one busy; the global
+# batch of 2 and lr 0.01 reach the mean IU of batch 1 at lr 0.005 in about half the time (RESULTS.md).
+LOCAL_RANKS = 2
+
+
+def resolve_ranks(cfg: TrainConfig, comm) -> int:
+    """The number of local processes a run trains on: ``cfg.ranks``, or :data:`LOCAL_RANKS` (1 when an MPI
+    launcher started this process as one of several ranks, which are the run's ranks then)."""
+    if cfg.ranks is None:
+        return LOCAL_RANKS if comm.size == 1 else 1
+    if cfg.ranks > 1 and comm.size > 1:
+        raise ValueError(f"ranks (--ranks) {cfg.ranks}: this process is one of {comm.size} ranks an MPI launcher "
+                         f"started; give the number of processes to mpiexec -n, and --ranks 1")
+    return cfg.ranks
+
+
 # Side of the random crops a dataset's training images are cut to when crop_size is None and the images are
 # larger (held-out images are always scored whole). shapes: crops of 96 of its 128 x 128 images learn as
 # much per step as whole images and cost less per step (padding 100 keeps conv1 on a (side + 198)^2 map, so
@@ -154,6 +178,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "batch_size", "train_images", "val_images", "image_size"):
         if not integer(getattr(cfg, name)) or getattr(cfg, name) < 1:
             bad(name, "a positive integer")
+    if cfg.ranks is not None and (not integer(cfg.ranks) or cfg.ranks < 1):
+        bad("ranks", "a positive integer (1: train in this process)")
     if not integer(cfg.seed) or cfg.seed < 0:
         bad("seed", "a non-negative integer")
     if cfg.num_classes is not None and (not integer(cfg.num_classes) or cfg.num_classes < 2):
@@ -550,21 +576,30 @@ def train(cfg: TrainConfig, log=print, comm=None):
     """Train according to ``cfg``; returns the history (list of per-epoch dicts).
 
     ``comm`` (default :func:`minifcn.distributed.world`) is the communicator:
-    a stand-in for one process, or MPI under ``mpiexec``.
+    a stand-in for one process, or MPI under ``mpiexec``. With ``cfg.ranks``
+    of 2 or more (the default without a launcher), the run trains on that
+    many processes started here, and their exceptions are raised here.
     """
     comm = comm or world()
     log = log if comm.rank == 0 else (lambda *args, **kwargs: None)
     check_config(cfg)
-    # the checkpoints record the crop this run trains on (0: whole images), not "the dataset's default"
-    cfg = replace(cfg, crop_size=training_crop(cfg) or 0)
+    # the checkpoints record the crop (0: whole images) and the ranks this run trains on, not "the default"
+    cfg = replace(cfg, crop_size=training_crop(cfg) or 0, ranks=resolve_ranks(cfg, comm))
     device = check_device(cfg.device)
     if comm.rank == 0:  # rank 0 alone reads and writes the run folder (an error there stops every rank)
         prepare_run_folder(cfg, log)
     ckpt = os.path.join(cfg.out, "checkpoint.npz")
     try:
+        if cfg.ranks > 1:
+            return local_ranks.run(cfg.ranks, _train_on_local_rank, cfg, device, log=log)
         return _train(cfg, device, log, comm)
     except KeyboardInterrupt:
         raise TrainingInterrupted(f"interrupted: {_last_checkpoint_line(ckpt, cfg)}") from None
+
+
+def _train_on_local_rank(comm, cfg: TrainConfig, device):
+    """One of the processes of :func:`train` with ``cfg.ranks > 1``: rank 0 logs through the parent."""
+    return _train(cfg, device, comm.log, comm)
 
 
 def _train(cfg: TrainConfig, device, log, comm):

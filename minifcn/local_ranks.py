@@ -1,0 +1,312 @@
+"""Data-parallel ranks as processes of this machine, started by minifcn itself (``minifcn train --ranks N``).
+
+One training process at batch 1 keeps about one core busy: the products share
+both cores, but the element-wise passes, the runs of repeated lines and the
+Python between them run on one (benchmarks/RESULTS.md). Two processes that
+each train on their own image use both, and take the step of a global batch of
+2 in about the time one process takes for 1. Threads would share one Python
+interpreter, and the GIL held between NumPy calls costs most of that gain.
+
+So :func:`run` starts N processes (``multiprocessing``, the ``spawn`` start
+method: no state of the parent is copied), and each runs the training loop
+as one rank of a data-parallel job, exactly as under ``mpiexec -n N``
+(:mod:`minifcn.distributed`): same shards, same gradient average, same
+checkpoints written by rank 0. Only the communicator differs:
+:class:`SharedMemoryCommunicator` has the methods of
+:class:`minifcn.distributed.SingleProcess` and does them through
+
+* one shared-memory block with a slot of ``SLOT_BYTES`` per rank, for sums and
+  array broadcasts (the hot path: one gradient average per step), and
+* a pipe from rank 0 to each other rank, for the few Python objects (the
+  start-up check, the history on resume).
+
+A sum (``allreduce_sum_``), chunk by chunk of at most a slot::
+
+    every rank r copies its chunk into slot r                  barrier
+    rank r adds up its own part (1/N of the chunk) of every
+    slot in rank order (slot 0 + slot 1 + ...), into slot 0   barrier
+    every rank copies slot 0 back into its array               barrier
+
+so every rank gets the same bits, and for two ranks the bits MPI's sum gives.
+
+Each process holds ``cores // N`` BLAS threads and band threads, as
+``mpiexec`` ranks do. A rank that fails sends its exception to the parent,
+which stops the others and raises it; checkpoints are atomic, so the last good
+one survives. Ctrl-C stops every rank.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from multiprocessing import connection, shared_memory
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientAverager, _pack, _unpack, \
+    mismatch_message
+
+SLOT_BYTES = 8 << 20   # per rank; a sum of a larger array runs in chunks of this
+STOP_GRACE_S = 2.0     # after a rank failed: how long the others may take to stop on their own before being ended
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MINIFCN_NUM_THREADS")
+
+
+class RankFailed(RuntimeError):
+    """A rank's process ended without a result (killed, or out of memory)."""
+
+
+class SharedMemoryCommunicator(SingleProcess):
+    """Rank ``rank`` of ``size`` processes of one machine: the communicator of :mod:`minifcn.distributed`
+    on shared memory and pipes (see the module docstring)."""
+
+    name = "processes of this machine"
+
+    def __init__(self, rank: int, size: int, block_name: str, barrier, pipes, messages):
+        self.rank, self.size = rank, size
+        self.local_rank, self.local_size = rank, size
+        self._block = shared_memory.SharedMemory(name=block_name)
+        self._barrier, self._pipes, self._messages = barrier, pipes, messages
+        self.name = f"{size} processes of this machine"
+
+    def _slot(self, rank: int, dtype, count: int):
+        """The first ``count`` items of ``rank``'s slot, as ``dtype``."""
+        return np.ndarray((count,), dtype=dtype, buffer=self._block.buf, offset=rank * SLOT_BYTES)
+
+    def _wait(self):
+        self._barrier.wait()
+
+    # -- sums ---------------------------------------------------------------------
+    def allreduce_sum_(self, array):
+        xp = get_array_module(array)
+        if not array.flags.c_contiguous:
+            raise ValueError(f"allreduce_sum_: need a contiguous array, got strides {array.strides}")
+        host = array if xp is np else to_numpy(array)
+        flat = host.reshape(-1)
+        per = SLOT_BYTES // flat.dtype.itemsize
+        for start in range(0, flat.size, per):
+            chunk = flat[start:start + per]
+            n = chunk.size
+            self._slot(self.rank, chunk.dtype, n)[...] = chunk
+            self._wait()
+            lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+            total = self._slot(0, chunk.dtype, n)[lo:hi]
+            for other in range(1, self.size):  # in rank order: the same bits on every rank
+                total += self._slot(other, chunk.dtype, n)[lo:hi]
+            self._wait()
+            chunk[...] = self._slot(0, chunk.dtype, n)
+            self._wait()  # slot 0 read by all before the next chunk overwrites it
+        if xp is not np:
+            array[...] = xp.asarray(host)
+        return array
+
+    def allreduce_sum(self, array):
+        return self.allreduce_sum_(np.array(array, copy=True))
+
+    def gradient_averager(self, params, route: str = "buckets", bucket_bytes: int = BUCKET_BYTES):
+        return _GradientAverager(self, params, route, bucket_bytes)
+
+    # -- broadcasts -----------------------------------------------------------------
+    def broadcast_arrays(self, arrays) -> None:
+        arrays = list(arrays)
+        packed = _pack(arrays)
+        for dtype in sorted(packed, key=str):
+            flat = packed[dtype]
+            per = SLOT_BYTES // flat.dtype.itemsize
+            for start in range(0, flat.size, per):
+                chunk = flat[start:start + per]
+                if self.rank == 0:
+                    self._slot(0, chunk.dtype, chunk.size)[...] = chunk
+                self._wait()
+                if self.rank > 0:
+                    chunk[...] = self._slot(0, chunk.dtype, chunk.size)
+                self._wait()
+        _unpack(packed, arrays)
+
+    def broadcast_object(self, value):
+        if self.rank == 0:
+            for pipe in self._pipes:
+                pipe.send(value)
+            return value
+        return self._pipes[0].recv()
+
+    def check_same(self, description: dict, what: str = "launch") -> None:
+        if self.rank == 0:
+            descriptions = [description] + [pipe.recv() for pipe in self._pipes]
+            message = mismatch_message(descriptions, what)
+            for pipe in self._pipes:
+                pipe.send(message)
+        else:
+            self._pipes[0].send(description)
+            message = self._pipes[0].recv()
+        if message:
+            raise LaunchMismatch(message)
+
+    def barrier(self) -> None:
+        self._wait()
+
+    def bind_device(self, device: str) -> None:
+        if device != "gpu":
+            return
+        import cupy  # noqa: PLC0415 (only for device 'gpu')
+
+        cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
+
+    def abort(self, message: str, code: int, detail: str = "") -> int:
+        self._messages.send(("error", RuntimeError(message)))
+        return code
+
+    def log(self, *args, **kwargs) -> None:
+        """Rank 0's log lines go to the parent, which prints them with its own ``log``; the others' are dropped
+        (as under mpiexec, rank 0 alone speaks)."""
+        if self.rank == 0:
+            self._messages.send(("log", " ".join(str(a) for a in args)))
+
+    def close(self) -> None:
+        self._block.close()
+
+
+def threads_per_rank(size: int) -> int:
+    """The CPU threads each of ``size`` ranks may use: the cores this process may use, shared out."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // size)
+
+
+@contextmanager
+def _child_environment(size: int):
+    """Thread counts for the children: ``cores // size`` each, unless the user set them (read by
+    BLAS when a child imports NumPy, so they are set in this process's environment while it starts them)."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    share = str(threads_per_rank(size))
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, share)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _rank_main(rank, size, block_name, barrier, pipes, messages, target, args):
+    """The body of one rank's process: ``target(comm, *args)``; its result or exception goes to the parent."""
+    comm = SharedMemoryCommunicator(rank, size, block_name, barrier, pipes, messages)
+    try:
+        result = target(comm, *args)
+        messages.send(("done", result if rank == 0 else None))
+    except KeyboardInterrupt:
+        messages.send(("interrupted", None))
+    except BaseException as exc:  # noqa: BLE001 (everything goes to the parent, which raises it)
+        detail = traceback.format_exc()
+        try:
+            messages.send(("error", exc, detail))
+        except Exception:  # noqa: BLE001 (an exception that does not pickle: send its text)
+            messages.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), detail))
+        barrier.abort()  # the others, waiting in a sum, stop (their BrokenBarrierError is not reported)
+    finally:
+        comm.close()
+
+
+def run(size: int, target, *args, log=print):
+    """Run ``target(comm, *args)`` in ``size`` processes, ``comm`` a :class:`SharedMemoryCommunicator`;
+    returns rank 0's result.
+
+    ``target`` and ``args`` must be picklable (a module-level function, plain
+    data). Rank 0 may call ``comm.log(line)``: the line is passed to ``log``
+    here. A rank's exception is raised here (the first one that is not
+    another rank's broken barrier) after every rank has stopped;
+    :class:`RankFailed` if a process ended without saying why.
+    """
+    if int(size) != size or size < 1:
+        raise ValueError(f"ranks must be a positive integer, got {size!r}")
+    context = multiprocessing.get_context("spawn")
+    block = shared_memory.SharedMemory(create=True, size=size * SLOT_BYTES)
+    barrier = context.Barrier(size)
+    ends = [context.Pipe() for _ in range(size - 1)]  # rank 0 <-> rank r
+    reports = [context.Pipe(duplex=False) for _ in range(size)]  # rank r -> here
+    processes = []
+    try:
+        with _child_environment(size):
+            for rank in range(size):
+                pipes = [a for a, _ in ends] if rank == 0 else [ends[rank - 1][1]]
+                process = context.Process(target=_rank_main, name=f"minifcn-rank-{rank}", daemon=True,
+                                          args=(rank, size, block.name, barrier, pipes, reports[rank][1], target,
+                                                args))
+                process.start()
+                processes.append(process)
+        for a, b in ends:  # only the children hold them now: a rank that dies closes its end for good
+            a.close()
+            b.close()
+        for _, sender in reports:
+            sender.close()
+        return _collect(processes, [receiver for receiver, _ in reports], barrier, log)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        block.close()
+        block.unlink()
+
+
+def _collect(processes, receivers, barrier, log):
+    """Wait for every rank's report; pass log lines on; returns rank 0's result or raises the failure."""
+    results, errors, interrupted = {}, [], False
+    open_ = dict(enumerate(receivers))
+    deadline = None
+    try:
+        while open_:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = connection.wait(list(open_.values()), timeout=timeout)
+            if not ready:  # the grace after a failure is over
+                break
+            for rank in [r for r, c in open_.items() if c in ready]:
+                try:
+                    kind, *payload = open_[rank].recv()
+                except EOFError:  # the process ended without a report
+                    del open_[rank]
+                    processes[rank].join(1.0)
+                    if rank not in results:
+                        errors.append((rank, RankFailed(f"rank {rank} of {len(processes)} ended with exit code "
+                                                        f"{processes[rank].exitcode} before it finished"), ""))
+                    continue
+                if kind == "log":
+                    log(payload[0])
+                elif kind == "done":
+                    results[rank] = payload[0]
+                elif kind == "interrupted":
+                    interrupted = True
+                    results[rank] = None
+                else:
+                    errors.append((rank, payload[0], payload[1] if len(payload) > 1 else ""))
+            if (errors or interrupted) and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE_S
+                barrier.abort()
+    except KeyboardInterrupt:
+        interrupted = True
+    real = [e for e in errors if not isinstance(e[1], threading.BrokenBarrierError)]
+    if real:
+        rank, exc, detail = real[0]
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(f"(on rank {rank} of {len(processes)})")
+        if isinstance(exc, (RankFailed,)) or not detail:
+            raise exc
+        raise exc from _RemoteTraceback(detail)
+    if interrupted or errors:
+        raise KeyboardInterrupt
+    return results.get(0)
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a rank's process (shown as its cause)."""
+
+    def __str__(self):
+        return "\n" + self.args[0]

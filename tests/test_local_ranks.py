@@ -1,0 +1,175 @@
+"""Ranks as processes of this machine (minifcn.local_ranks): the collectives, failures, and training on them.
+
+The targets below run in spawned processes, which import this module by name to find them.
+"""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from minifcn import Parameter, local_ranks
+from minifcn.checkpoint import load_checkpoint
+from minifcn.distributed import LaunchMismatch, SingleProcess
+from minifcn.train import LOCAL_RANKS, TrainConfig, resolve_ranks, train
+
+
+def _collectives(comm):
+    r, n = comm.rank, comm.size
+    report = {}
+    # broadcasts: rank 0's values everywhere, any dtype, also past one slot (chunks)
+    big = np.full(local_ranks.SLOT_BYTES // 8 * 2 + 5, float(r))
+    arrays = [np.full((2, 3), 10.0 + r), np.full(4, r, np.int64), np.full(5, 0.5 + r, np.float32), big]
+    comm.broadcast_arrays(arrays)
+    report["broadcast"] = all((a == b).all() for a, b in zip(
+        arrays, [np.full((2, 3), 10.0), np.zeros(4), np.full(5, 0.5), np.zeros(big.size)]))
+    report["object"] = comm.broadcast_object({"rank": r})
+    # sums: in place, in rank order, the same bits everywhere; sizes below the rank count and past a slot
+    rng = np.random.default_rng(r)
+    for size in (1, n - 1 or 1, 7, local_ranks.SLOT_BYTES // 4 * 2 + 3):
+        mine = rng.standard_normal(size).astype(np.float32)
+        total = comm.allreduce_sum_(mine.copy())
+        expected = np.zeros(size, np.float32)
+        for other in range(n):
+            expected += np.random.default_rng(other).standard_normal(size).astype(np.float32) if other != r \
+                else mine
+        report[f"sum {size}"] = bool(np.array_equal(total, expected))
+        rng = np.random.default_rng(r)  # the next size draws from the start again, as 'expected' does
+    matrix = np.arange(9, dtype=np.int64).reshape(3, 3) * (r + 1)
+    report["in place"] = comm.allreduce_sum_(matrix) is matrix
+    report["matrix"] = matrix.tolist()
+    totals = np.array([1.5, 2.0 + r])
+    report["copy"] = (comm.allreduce_sum(totals).tolist(), totals.tolist())
+    # the gradient average (buckets), a frozen gradient untouched
+    params = [Parameter(np.zeros(s), trainable=(i != 1)) for i, s in enumerate([(4, 3), (2,), (5,)])]
+    for i, p in enumerate(params):
+        p.grad[...] = (r + 1) * np.arange(p.size).reshape(p.shape) + i
+    comm.gradient_averager(params)()
+    report["grads"] = [p.grad.tolist() for p in params]
+    comm.check_same({"width": 0.125})
+    try:
+        comm.check_same({"width": 0.125 * (r + 1)})
+        report["mismatch"] = None
+    except LaunchMismatch as exc:
+        report["mismatch"] = str(exc)
+    comm.log(f"rank {r} says hello")
+    comm.barrier()
+    return report if r == 0 else None
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_collectives_on_local_ranks(size):
+    """Broadcasts, exact sums (in rank order, chunked past a slot), the gradient average, the start-up
+    check and rank 0's log lines, on 2 and 3 processes."""
+    lines = []
+    report = local_ranks.run(size, _collectives, log=lines.append)
+    assert report["broadcast"] and report["object"] == {"rank": 0}
+    assert all(report[k] for k in report if k.startswith("sum ")), report
+    assert report["in place"]
+    scale = size * (size + 1) // 2
+    assert report["matrix"] == (scale * np.arange(9).reshape(3, 3)).tolist()
+    assert report["copy"] == ([1.5 * size, 2.0 * size + scale - size], [1.5, 2.0])
+    mean = (size + 1) / 2
+    assert report["grads"][0] == (mean * np.arange(12).reshape(4, 3)).tolist()
+    assert report["grads"][1] == [1.0, 2.0]  # frozen: rank 0's own
+    assert report["grads"][2] == (mean * np.arange(5) + 2).tolist()
+    assert "rank 1 has width = 0.25 where rank 0 has 0.125" in report["mismatch"]
+    assert lines == ["rank 0 says hello"]
+
+
+def _fails(comm, how):
+    comm.barrier()
+    if comm.rank == 1:
+        if how == "exit":
+            os._exit(7)
+        raise ValueError("image 3 is corrupt on rank 1")
+    comm.allreduce_sum_(np.zeros(3))  # rank 0 waits here for a rank that will not come
+    return "no"
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_failing_rank_stops_the_others_and_its_error_is_raised_here(how):
+    """Rank 1 fails while rank 0 waits in a sum: run() returns within seconds with rank 1's exception (or,
+    for a process that just ended, RankFailed with its exit code), and no process is left."""
+    expected = (ValueError, "image 3 is corrupt on rank 1") if how == "raise" else \
+        (local_ranks.RankFailed, "rank 1 of 2 ended with exit code 7")
+    done = threading.Event()
+    timer = threading.Timer(60, lambda: done.is_set() or os._exit(99))  # a hang fails the suite, loudly
+    timer.start()
+    try:
+        with pytest.raises(expected[0], match=expected[1]):
+            local_ranks.run(2, _fails, how)
+    finally:
+        done.set()
+        timer.cancel()
+    assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("minifcn-rank")]
+
+
+def _threads(comm):
+    return {name: os.environ.get(name) for name in local_ranks.THREAD_VARIABLES}
+
+
+def test_each_rank_gets_its_share_of_the_cores(monkeypatch):
+    for name in local_ranks.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seen = local_ranks.run(2, _threads)
+    share = str(local_ranks.threads_per_rank(2))
+    assert seen == dict.fromkeys(local_ranks.THREAD_VARIABLES, share)
+    assert all(name not in os.environ for name in local_ranks.THREAD_VARIABLES)  # this process's are restored
+    monkeypatch.setenv("MINIFCN_NUM_THREADS", "3")  # the user's choice is kept
+    assert local_ranks.run(2, _threads)["MINIFCN_NUM_THREADS"] == "3"
+
+
+def test_run_refuses_a_rank_count_that_is_not_a_positive_integer():
+    with pytest.raises(ValueError, match="ranks must be a positive integer, got 0"):
+        local_ranks.run(0, _threads)
+
+
+class _Launched(SingleProcess):
+    size = 2
+
+
+def test_ranks_default_to_two_and_to_one_under_mpiexec():
+    assert LOCAL_RANKS == 2
+    assert resolve_ranks(TrainConfig(), SingleProcess()) == LOCAL_RANKS
+    assert resolve_ranks(TrainConfig(), _Launched()) == 1
+    assert resolve_ranks(TrainConfig(ranks=3), SingleProcess()) == 3
+    with pytest.raises(ValueError, match=r"ranks \(--ranks\) 2: this process is one of 2 ranks an MPI launcher"):
+        resolve_ranks(TrainConfig(ranks=2), _Launched())
+
+
+def _tiny(out, **kw):
+    cfg = dict(model="fcn8s", width=1 / 32, image_size=16, train_images=4, val_images=3, epochs=1, lr=0.05,
+               warmup=0, dropout=0.0, dtype="float64", seed=3, out=str(out), progress=False, num_preview=1)
+    return TrainConfig(**{**cfg, **kw})
+
+
+def test_two_local_ranks_of_batch_1_take_the_steps_of_one_process_of_batch_2(tmp_path):
+    """float64, 2 SGD steps with momentum and weight decay: the same parameters and momentum to 1e-10, the
+    same loss and the same scores (the held-out images sharded 2 + 1 between the ranks); rank 0 logs once."""
+    one = train(_tiny(tmp_path / "one", ranks=1, batch_size=2), log=lambda *a: None)
+    lines = []
+    two = train(_tiny(tmp_path / "two", ranks=2, batch_size=1), log=lines.append)
+    assert sum("epoch 1/1:" in line for line in lines) == 1
+    assert any("2 ranks x batch 1 (2 processes of this machine)" in line for line in lines)
+    a, meta_a = load_checkpoint(tmp_path / "one" / "checkpoint.npz")
+    b, meta_b = load_checkpoint(tmp_path / "two" / "checkpoint.npz")
+    assert sorted(a) == sorted(b) and meta_b["config"]["ranks"] == 2 and meta_a["config"]["ranks"] == 1
+    changed = 0
+    for name in a:
+        scale = max(float(np.abs(a[name]).max()), 1e-300)
+        assert float(np.abs(a[name] - b[name]).max()) / scale <= 1e-10, name
+        changed += name.startswith("optim.momentum.") and bool(np.abs(a[name]).max() > 0)
+    assert changed > 5  # the momentum buffers moved: the steps were taken
+    assert one[0]["train_loss"] == pytest.approx(two[0]["train_loss"], rel=1e-10)
+    for key in ("pixel_acc", "mean_iu", "fwiu"):
+        assert one[0][key] == pytest.approx(two[0][key], rel=1e-12), key
+    for picture in ("loss.png", "predictions.png"):
+        assert (tmp_path / "two" / picture).is_file()
+
+
+def test_an_error_in_a_rank_reaches_the_caller_of_train(tmp_path):
+    """A bad setting found inside the ranks (a folder dataset that does not exist) is raised by train()."""
+    with pytest.raises(Exception, match="nodata"):
+        train(_tiny(tmp_path / "out", ranks=2, dataset="folder", data_dir=str(tmp_path / "nodata")),
+              log=lambda *a: None)
