@@ -31,14 +31,16 @@ SETTINGS = {"sleep": None, "spin": "28"}  # OPENBLAS_THREAD_TIMEOUT (None: the p
 CONDITIONS = ("alone", "beside a busy process")
 
 
-def timed_run(steps: int, image_size: int, timeout_value, out: str) -> float:
-    """Wall seconds of ``minifcn train`` for ``steps`` steps (batch 1) and a small held-out split."""
+def timed_run(steps: int, image_size: int, timeout_value, out: str, ranks=None) -> float:
+    """Wall seconds of ``minifcn train`` on ``steps`` training images (batch 1 a rank; the command's
+    default ranks unless ``ranks``) and a small held-out split."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if timeout_value is not None:
         env["OPENBLAS_THREAD_TIMEOUT"] = timeout_value
     cmd = [sys.executable, "-m", "minifcn", "train", "--out", out, "--epochs", "1", "--train-images", str(steps),
            "--val-images", "16", "--batch-size", "1", "--image-size", str(image_size), "--no-progress"]
+    cmd += ["--ranks", str(ranks)] if ranks else []
     start = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -46,7 +48,9 @@ def timed_run(steps: int, image_size: int, timeout_value, out: str) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="training steps (images of one epoch, batch 1)")
+    p.add_argument("--steps", type=int, default=300,
+                   help="training images of the one epoch (batch 1 a rank: steps with --ranks 1)")
+    p.add_argument("--ranks", type=int, default=None, help="--ranks of the runs (default: the command's)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--image-size", type=int, default=128, help="image side (the training default: 128)")
     p.add_argument("--also", default="", help="comma list of other OPENBLAS_THREAD_TIMEOUT values to time")
@@ -66,7 +70,7 @@ def main(argv=None):
                             if condition != "alone" else None)
                     try:
                         out = os.path.join(tmp, f"run{sum(map(len, times.values()))}")  # a fresh run folder each time
-                        seconds = timed_run(args.steps, args.image_size, value, out)
+                        seconds = timed_run(args.steps, args.image_size, value, out, args.ranks)
                         times[setting, condition].append(seconds)
                         print(f"{setting}, {condition}: {seconds:.1f} s", flush=True)  # each run as it ends
                     finally:
@@ -80,7 +84,8 @@ def main(argv=None):
         rows.append((setting, alone, loaded, loaded / alone,
                      " ".join(f"{t:.1f}" for t in times[setting, "alone"]),
                      " ".join(f"{t:.1f}" for t in times[setting, CONDITIONS[1]])))
-    print(f"\n{args.steps} training steps (batch 1, {args.image_size} x {args.image_size}) + 16 held-out images, "
+    ranks = f"--ranks {args.ranks}" if args.ranks else "the default ranks"
+    print(f"\n{args.steps} training images ({ranks}, batch 1 a rank, {args.image_size} x {args.image_size}) + 16 held-out images, "
           f"wall seconds, medians of {args.rounds} rounds")
     print_table(("idle BLAS threads", "alone s", "beside busy s", "busy / alone", "alone runs", "busy runs"), rows,
                 (None, ".2f", ".2f", ".2f", None, None))

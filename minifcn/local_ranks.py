@@ -32,7 +32,8 @@ so every rank gets the same bits, and for two ranks the bits MPI's sum gives.
 Each process holds ``cores // N`` BLAS threads and band threads, as
 ``mpiexec`` ranks do. A rank that fails sends its exception to the parent,
 which stops the others and raises it; checkpoints are atomic, so the last good
-one survives. Ctrl-C stops every rank.
+one survives. Ctrl-C stops every rank, and a rank ends when the parent does
+(even one killed outright).
 """
 from __future__ import annotations
 
@@ -196,8 +197,23 @@ def _child_environment(size: int):
                 os.environ[name] = value
 
 
+def _end_with_the_parent() -> None:
+    """End this process as soon as the parent ends: a parent killed outright (SIGKILL) cannot stop its
+    children, and a rank left alone would wait in a barrier forever or, as rank 0, go on writing the run."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="minifcn-parent-watch", daemon=True).start()
+
+
 def _rank_main(rank, size, block_name, barrier, pipes, messages, target, args):
     """The body of one rank's process: ``target(comm, *args)``; its result or exception goes to the parent."""
+    _end_with_the_parent()
     comm = SharedMemoryCommunicator(rank, size, block_name, barrier, pipes, messages)
     try:
         result = target(comm, *args)

@@ -16,7 +16,7 @@ from minifcn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--model", "fcn8s", "--width", "0.03125", "--image-size", "16", "--train-images", "4",
-              "--val-images", "2", "--batch-size", "2", "--epochs", "1", "--dropout", "0", "--no-progress",
+              "--val-images", "2", "--batch-size", "2", "--ranks", "1", "--epochs", "1", "--dropout", "0", "--no-progress",
               "--device", "cpu", "--seed", "1", "--warmup", "5", "--poly-power", "2"]
 
 

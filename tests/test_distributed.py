@@ -282,7 +282,7 @@ def write_dataset(root, train_images=6, val_images=3, size=32, seed=0):
 def train_args(data, out, model, batch, *extra):
     return [sys.executable, "-m", "minifcn", "train", "--dataset", "folder", "--data-dir", str(data), "--out", str(out),
             "--model", model, "--width", "0.0625", "--batch-size", str(batch), "--epochs", "1", "--dtype", "float64",
-            "--lr", "0.05", "--no-progress", *extra]
+            "--lr", "0.05", "--no-progress", "--ranks", "1", *extra]  # one process each: mpiexec's -n gives the ranks
 
 
 def read_metrics(out):

@@ -148,7 +148,7 @@ def test_one_training_epoch_on_the_gpu_matches_the_cpu(tmp_path):
     network): the same losses and scores as on the CPU within float32 rounding."""
     def cfg(device):
         return TrainConfig(model="fcn8s", width=1 / 32, image_size=16, train_images=4, val_images=2, batch_size=2,
-                           epochs=1, lr=0.02, dropout=0.0, seed=3, out=str(tmp_path / device), device=device,
+                           ranks=1, epochs=1, lr=0.02, dropout=0.0, seed=3, out=str(tmp_path / device), device=device,
                            progress=False, num_preview=1)
 
     on_gpu, on_cpu = train(cfg("gpu"), log=lambda *a: None), train(cfg("cpu"), log=lambda *a: None)

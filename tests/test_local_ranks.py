@@ -3,7 +3,11 @@
 The targets below run in spawned processes, which import this module by name to find them.
 """
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +177,51 @@ def test_an_error_in_a_rank_reaches_the_caller_of_train(tmp_path):
     with pytest.raises(Exception, match="nodata"):
         train(_tiny(tmp_path / "out", ranks=2, dataset="folder", data_dir=str(tmp_path / "nodata")),
               log=lambda *a: None)
+
+
+def _wait_forever(comm, folder):
+    (folder / f"rank{comm.rank}.pid").write_text(str(os.getpid()))
+    comm.barrier()
+    while True:
+        time.sleep(0.05)
+
+
+KILLED_PARENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from minifcn import local_ranks
+from test_local_ranks import _wait_forever
+local_ranks.run(2, _wait_forever, Path(sys.argv[2]))
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (ended, not yet reaped) counts as ended
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to tell a zombie from a live process")
+def test_the_ranks_end_when_their_parent_is_killed_outright(tmp_path):
+    """SIGKILL of the process that started the ranks (no cleanup of its own can run) ends both ranks within
+    seconds: they do not wait in a barrier forever, nor write a run folder unwatched."""
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, os.path.dirname(__file__), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None, "the ranks did not start"
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+        assert all(_alive(pid) for pid in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()

@@ -17,14 +17,14 @@ from minifcn.checkpoint import load_checkpoint
 from minifcn.data import DatasetError, get_dataset
 from minifcn.train import TrainConfig, TrainingDiverged, load_model, train
 
-QUIET = dict(progress=False, num_preview=2)
+QUIET = dict(progress=False, num_preview=2, ranks=1)  # in this process (monkeypatches reach it)
 
 
 def tiny_fcn(out, **kw):
     """FCN-8s at width 1/32 on 4 shapes images of 16x16, batch 2 (2 steps an epoch), dropout on, no warm-up
     (the default's 100 steps would span the whole run). (Padding 100 makes even a 16x16 image a 214x214
     convolution.)"""
-    cfg = dict(model="fcn8s", width=1 / 32, image_size=16, train_images=4, val_images=2, batch_size=2,
+    cfg = dict(model="fcn8s", width=1 / 32, image_size=16, train_images=4, val_images=2, batch_size=2, ranks=1,
                epochs=2, lr=0.02, warmup=0, dropout=0.5, seed=3, out=str(out), progress=False, num_preview=1)
     cfg.update(kw)
     return TrainConfig(**cfg)
@@ -396,7 +396,7 @@ def test_training_with_class_weights_logs_them_and_learns(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "make_loss", lambda *a: losses.append(make_loss(*a)) or losses[-1])
     lines = []
     cfg = TrainConfig(out=str(tmp_path / "cw"), width=0.0625, epochs=1, train_images=8, val_images=4,
-                      image_size=32, class_weight="sqrt-balanced", progress=False)
+                      image_size=32, class_weight="sqrt-balanced", progress=False, ranks=1)
     history = train(cfg, log=lines.append)
     assert any(line.startswith("class weights (sqrt-balanced): ") for line in lines)
     weights = [float(w) for w in next(l for l in lines if l.startswith("class weights")).split(": ")[1].split(", ")]
@@ -760,12 +760,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 KILL_RUN = dict(model="encoder-decoder", width=1 / 16, image_size=16, train_images=4, val_images=2, batch_size=2,
-                epochs=4, lr=0.05, schedule="poly", dropout=0.0, seed=5)
+                ranks=1, epochs=4, lr=0.05, schedule="poly", dropout=0.0, seed=5)
 
 
 def kill_run_args(out, resume):
     flags = {"model": "--model", "width": "--width", "image_size": "--image-size", "train_images": "--train-images",
-             "val_images": "--val-images", "batch_size": "--batch-size", "epochs": "--epochs", "lr": "--lr",
+             "val_images": "--val-images", "batch_size": "--batch-size", "ranks": "--ranks", "epochs": "--epochs", "lr": "--lr",
              "schedule": "--schedule", "dropout": "--dropout", "seed": "--seed"}
     args = ["train", "--out", str(out), "--no-progress", "--device", "cpu"]
     for name, flag in flags.items():
