@@ -4,7 +4,8 @@ Cases (float32): full-width FCN-8s (VGG16, 134 M parameters) at 1x3x224x224
 and 1x3x500x500, a small FCN-8s (width 0.125) at 8x3x64x64, and ``recipe``:
 the model, batch, loss and SGD of ``minifcn train``'s defaults (taken from
 ``TrainConfig`` and the training code: today width 0.125, 6 classes, learned
-2x upsampling, no dropout, 1x3x96x96: a training crop of the 128 x 128 images). When PyTorch is installed the same
+2x upsampling, no dropout, 1x3x96x96: a training crop of the 128 x 128 images; the step of one
+rank: ``minifcn train`` runs ``LOCAL_RANKS`` of them side by side, one process each). When PyTorch is installed the same
 architecture runs in the same process, interleaved round by round with
 minifcn, and the table shows both medians and the ratio. With
 ``--processes N`` each framework is also timed alone in its own process, N

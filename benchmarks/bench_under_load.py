@@ -85,8 +85,8 @@ def main(argv=None):
                      " ".join(f"{t:.1f}" for t in times[setting, "alone"]),
                      " ".join(f"{t:.1f}" for t in times[setting, CONDITIONS[1]])))
     ranks = f"--ranks {args.ranks}" if args.ranks else "the default ranks"
-    print(f"\n{args.steps} training images ({ranks}, batch 1 a rank, {args.image_size} x {args.image_size}) + 16 held-out images, "
-          f"wall seconds, medians of {args.rounds} rounds")
+    print(f"\n{args.steps} training images ({ranks}, batch 1 a rank, {args.image_size} x {args.image_size}) "
+          f"+ 16 held-out images, wall seconds, medians of {args.rounds} rounds")
     print_table(("idle BLAS threads", "alone s", "beside busy s", "busy / alone", "alone runs", "busy runs"), rows,
                 (None, ".2f", ".2f", ".2f", None, None))
 

@@ -106,9 +106,9 @@ def cmd_train(args):
     from .train import TrainConfig, TrainingDiverged, TrainingInterrupted, train  # noqa: PLC0415
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, out=args.out, width=args.width,
-                      epochs=args.epochs, batch_size=args.batch_size, ranks=args.ranks, lr=args.lr, momentum=args.momentum,
-                      weight_decay=args.weight_decay, reduction=args.reduction, schedule=args.schedule,
-                      poly_power=args.poly_power, warmup=args.warmup,
+                      epochs=args.epochs, batch_size=args.batch_size, ranks=args.ranks, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, reduction=args.reduction,
+                      schedule=args.schedule, poly_power=args.poly_power, warmup=args.warmup,
                       learn_upsampling=args.learn_upsampling, dropout=args.dropout, image_size=args.image_size,
                       train_images=args.train_images, val_images=args.val_images, crop_size=args.crop_size,
                       flip=not args.no_flip, input_scale=args.input_scale, class_weight=args.class_weight,

@@ -156,10 +156,6 @@ class SharedMemoryCommunicator(SingleProcess):
 
         cupy.cuda.Device(self.local_rank % cupy.cuda.runtime.getDeviceCount()).use()
 
-    def abort(self, message: str, code: int, detail: str = "") -> int:
-        self._messages.send(("error", RuntimeError(message)))
-        return code
-
     def log(self, *args, **kwargs) -> None:
         """Rank 0's log lines go to the parent, which prints them with its own ``log``; the others' are dropped
         (as under mpiexec, rank 0 alone speaks)."""

@@ -57,6 +57,10 @@ def _collectives(comm):
     except LaunchMismatch as exc:
         report["mismatch"] = str(exc)
     comm.log(f"rank {r} says hello")
+    # every rank's own checks, counted over the ranks (rank 0 alone reports)
+    checks = [k for k in report if k in ("broadcast", "in place") or k.startswith("sum ")]
+    mine = np.array([bool(report[k]) for k in checks] + [report["object"] == {"rank": 0}], np.int64)
+    report["ranks passing"] = dict(zip(checks + ["object"], comm.allreduce_sum(mine).tolist()))
     comm.barrier()
     return report if r == 0 else None
 
@@ -79,6 +83,7 @@ def test_collectives_on_local_ranks(size):
     assert report["grads"][2] == (mean * np.arange(5) + 2).tolist()
     assert "rank 1 has width = 0.25 where rank 0 has 0.125" in report["mismatch"]
     assert lines == ["rank 0 says hello"]
+    assert report["ranks passing"] == dict.fromkeys(report["ranks passing"], size), report["ranks passing"]
 
 
 def _fails(comm, how):
