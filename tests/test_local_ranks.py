@@ -230,3 +230,19 @@ def test_the_ranks_end_when_their_parent_is_killed_outright(tmp_path):
         assert not any(_alive(pid) for pid in pids)
     finally:
         parent.kill()
+
+
+def test_resume_on_local_ranks_continues_as_the_run_straight_through(tmp_path):
+    """Two local ranks train one epoch, then resume for a second (rank 0 reads the checkpoint and sends
+    parameters, momentum and history to rank 1): the same parameters, bit for bit, as two epochs straight."""
+    kw = dict(ranks=2, schedule="constant")  # (a poly schedule's length depends on the epochs asked for)
+    straight = train(_tiny(tmp_path / "straight", epochs=2, **kw), log=lambda *a: None)
+    train(_tiny(tmp_path / "resumed", epochs=1, **kw), log=lambda *a: None)
+    lines = []
+    resumed = train(_tiny(tmp_path / "resumed", epochs=2, resume=True, **kw), log=lines.append)
+    assert any(line.startswith("resuming from") for line in lines)
+    a, _ = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    b, meta = load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
+    assert meta["epoch"] == 1 and [r["epoch"] for r in resumed] == [1, 2]
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    assert [r["train_loss"] for r in straight] == [r["train_loss"] for r in resumed]
