@@ -4,8 +4,9 @@ One training process at batch 1 keeps about one core busy: the products share
 both cores, but the element-wise passes, the runs of repeated lines and the
 Python between them run on one (benchmarks/RESULTS.md). Two processes that
 each train on their own image use both, and take the step of a global batch of
-2 in about the time one process takes for 1. Threads would share one Python
-interpreter, and the GIL held between NumPy calls costs most of that gain.
+2 in little more time than one process takes for 1 (the two share the memory
+bandwidth). Threads would share one Python interpreter, and the GIL held
+between NumPy calls costs much of that gain.
 
 So :func:`run` starts N processes (``multiprocessing``, the ``spawn`` start
 method: no state of the parent is copied), and each runs the training loop

@@ -136,7 +136,7 @@ class TrainConfig:
 
 # Data-parallel processes `train` starts on this machine when ranks is None (not under mpiexec): two ranks of
 # batch 1 use both cores of a small machine, where one process at batch 1 keeps about one busy; the global
-# batch of 2 at lr 0.015 reaches a higher mean IU than batch 1 at lr 0.005 in about 0.6 of the time (RESULTS.md).
+# batch of 2 at lr 0.015 reaches a higher mean IU than batch 1 at lr 0.005, in less time (RESULTS.md).
 LOCAL_RANKS = 2
 
 

@@ -246,3 +246,9 @@ def test_resume_on_local_ranks_continues_as_the_run_straight_through(tmp_path):
     assert meta["epoch"] == 1 and [r["epoch"] for r in resumed] == [1, 2]
     assert all(np.array_equal(a[name], b[name]) for name in a)
     assert [r["train_loss"] for r in straight] == [r["train_loss"] for r in resumed]
+
+
+@pytest.mark.parametrize("ranks", [0, -2, 1.5, True])
+def test_a_rank_count_that_is_not_a_positive_integer_is_refused_by_name(ranks, tmp_path):
+    with pytest.raises(ValueError, match=rf"ranks \(--ranks\) must be a positive integer .*got {ranks!r}"):
+        train(_tiny(tmp_path / "out", ranks=ranks), log=lambda *a: None)
