@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 # whatever runs next, including the other library of an interleaved
 # comparison. A short timeout lets them sleep. Only effective before NumPy loads.
 OPENBLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+# Variables that override OpenBLAS's own choice of kernels and blocking for this CPU. Some machines set
+# them (older OpenBLAS builds misjudged some processors); a current one may then run at half speed, so
+# machine_line names them beside every figure.
+OPENBLAS_CHOICES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 if "numpy" not in sys.modules:
     for _k, _v in OPENBLAS_ENV.items():
         os.environ.setdefault(_k, _v)
@@ -107,7 +111,7 @@ def _openblas_library():
 
 def blas_info() -> dict:
     """Name, version and thread count of NumPy's BLAS, as far as can be found out cheaply."""
-    info = {"name": "unknown", "version": "", "threads": None}
+    info = {"name": "unknown", "version": "", "threads": None, "kernels": None}
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         info["name"], info["version"] = blas.get("name", "unknown"), str(blas.get("version", ""))
@@ -121,6 +125,13 @@ def blas_info() -> dict:
             if fn is not None:
                 fn.restype = ctypes.c_int
                 info["threads"] = int(fn())
+                break
+        for sym in ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
+                    "scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:  # the kernels OpenBLAS chose for this CPU (or OPENBLAS_CORETYPE forced)
+                fn.restype = ctypes.c_char_p
+                info["kernels"] = fn().decode(errors="replace").strip()
                 break
     if info["threads"] is None:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -197,6 +208,8 @@ def machine_info(torch=None) -> dict:
         "numpy": np.__version__,
         "blas": f"{blas['name']} {blas['version']}".strip(),
         "blas_threads": blas["threads"] or usable_cores(),
+        "blas_kernels": blas["kernels"],
+        "openblas_forced": {v: os.environ[v] for v in OPENBLAS_CHOICES if os.environ.get(v)},
         "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "torch": None,
         "torch_threads": None,
@@ -213,8 +226,11 @@ def machine_line(torch=None) -> str:
     i = machine_info(torch)
     mem = f", {i['memory_gb']:.0f} GB" if i["memory_gb"] else ""
     simd = f" ({i['simd']})" if i["simd"] else ""
+    kernels = f"{i['blas_kernels']} kernels, " if i["blas_kernels"] else ""
+    if i["openblas_forced"]:  # a forced choice changes the ceiling: say so beside every figure
+        kernels += "forced by " + " ".join(f"{k}={v}" for k, v in i["openblas_forced"].items()) + ", "
     line = (f"{i['cpu']}, {i['cores']} cores{simd}{mem}; Python {i['python']}, NumPy {i['numpy']} "
-            f"with {i['blas']} (threads: {i['blas_threads']})")
+            f"with {i['blas']} ({kernels}threads: {i['blas_threads']})")
     line += f"; minifcn band threads: {i['band_threads']}"
     if i["torch"]:
         line += f"; PyTorch {i['torch']} (threads: {i['torch_threads']})"

@@ -160,6 +160,19 @@ def test_machine_line_and_peak_rss():
     assert common.peak_rss_mb() > 0
 
 
+def test_machine_line_names_forced_openblas_choices(monkeypatch):
+    """A machine that forces OpenBLAS's kernels (OPENBLAS_CORETYPE) has another ceiling: the line says so."""
+    for var in common.OPENBLAS_CHOICES:
+        monkeypatch.delenv(var, raising=False)
+    assert "forced by" not in common.machine_line()
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    assert "forced by OPENBLAS_CORETYPE=Haswell OPENBLAS_L2_SIZE=512," in common.machine_line()
+    kernels = common.blas_info()["kernels"]
+    if common.blas_info()["name"].endswith("openblas"):  # the loaded OpenBLAS names the kernels it runs
+        assert kernels and kernels in common.machine_line()
+
+
 def test_bench_before_after_compares_a_commit_with_the_working_tree():
     if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
