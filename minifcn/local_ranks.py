@@ -16,19 +16,26 @@ checkpoints written by rank 0. Only the communicator differs:
 :class:`SharedMemoryCommunicator` has the methods of
 :class:`minifcn.distributed.SingleProcess` and does them through
 
-* one shared-memory block with a slot of ``SLOT_BYTES`` per rank, for sums and
-  array broadcasts (the hot path: one gradient average per step), and
+* one shared-memory block of two *sets* of slots, a slot of ``SLOT_BYTES`` per
+  rank in each, for sums and array broadcasts (the hot path: one gradient
+  average per step), and
 * a pipe from rank 0 to each other rank, for the few Python objects (the
   start-up check, the history on resume).
 
-A sum (``allreduce_sum_``), chunk by chunk of at most a slot::
+A sum (``allreduce_sum_``), chunk by chunk of at most a slot, each chunk in the
+next set (``turn``: 0, 1, 0, ...)::
 
-    every rank r copies its chunk into slot r                  barrier
+    every rank r copies its chunk into slot r of the set       barrier
     rank r adds up its own part (1/N of the chunk) of every
     slot in rank order (slot 0 + slot 1 + ...), into slot 0   barrier
-    every rank copies slot 0 back into its array               barrier
+    every rank copies slot 0 back into its array
 
 so every rank gets the same bits, and for two ranks the bits MPI's sum gives.
+No barrier is needed after the copy back: the next chunk goes to the other set,
+and a rank writes into this set again only after the next chunk's first
+barrier, which no rank passes before every rank has finished copying back.
+Under load every barrier is a chance to wait for a descheduled rank; two sets
+make two barriers a chunk where one set needs three.
 
 Each process holds ``cores // N`` BLAS threads and band threads, as
 ``mpiexec`` ranks do. A rank that fails sends its exception to the parent,
@@ -52,7 +59,8 @@ from .backend import get_array_module, to_numpy
 from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientAverager, _pack, _unpack, \
     mismatch_message
 
-SLOT_BYTES = 8 << 20   # per rank; a sum of a larger array runs in chunks of this
+SLOT_BYTES = 8 << 20   # per rank and set; a sum of a larger array runs in chunks of this
+SETS = 2               # sets of slots, used in turn (the module docstring says why two)
 STOP_GRACE_S = 2.0     # after a rank failed: how long the others may take to stop on their own before being ended
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MINIFCN_NUM_THREADS")
 
@@ -73,10 +81,16 @@ class SharedMemoryCommunicator(SingleProcess):
         self._block = shared_memory.SharedMemory(name=block_name)
         self._barrier, self._pipes, self._messages = barrier, pipes, messages
         self.name = f"{size} processes of this machine"
+        self._turn = 0  # chunks moved so far: chunk t uses set t % SETS (the same t on every rank)
 
-    def _slot(self, rank: int, dtype, count: int):
-        """The first ``count`` items of ``rank``'s slot, as ``dtype``."""
-        return np.ndarray((count,), dtype=dtype, buffer=self._block.buf, offset=rank * SLOT_BYTES)
+    def _next_set(self) -> int:
+        used, self._turn = self._turn % SETS, self._turn + 1
+        return used
+
+    def _slot(self, rank: int, dtype, count: int, which: int):
+        """The first ``count`` items of ``rank``'s slot in set ``which``, as ``dtype``."""
+        offset = (which * self.size + rank) * SLOT_BYTES
+        return np.ndarray((count,), dtype=dtype, buffer=self._block.buf, offset=offset)
 
     def _wait(self):
         self._barrier.wait()
@@ -91,16 +105,15 @@ class SharedMemoryCommunicator(SingleProcess):
         per = SLOT_BYTES // flat.dtype.itemsize
         for start in range(0, flat.size, per):
             chunk = flat[start:start + per]
-            n = chunk.size
-            self._slot(self.rank, chunk.dtype, n)[...] = chunk
+            n, which = chunk.size, self._next_set()
+            self._slot(self.rank, chunk.dtype, n, which)[...] = chunk
             self._wait()
             lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
-            total = self._slot(0, chunk.dtype, n)[lo:hi]
+            total = self._slot(0, chunk.dtype, n, which)[lo:hi]
             for other in range(1, self.size):  # in rank order: the same bits on every rank
-                total += self._slot(other, chunk.dtype, n)[lo:hi]
+                total += self._slot(other, chunk.dtype, n, which)[lo:hi]
             self._wait()
-            chunk[...] = self._slot(0, chunk.dtype, n)
-            self._wait()  # slot 0 read by all before the next chunk overwrites it
+            chunk[...] = self._slot(0, chunk.dtype, n, which)  # no barrier after: the next chunk takes the other set
         if xp is not np:
             array[...] = xp.asarray(host)
         return array
@@ -119,13 +132,12 @@ class SharedMemoryCommunicator(SingleProcess):
             flat = packed[dtype]
             per = SLOT_BYTES // flat.dtype.itemsize
             for start in range(0, flat.size, per):
-                chunk = flat[start:start + per]
+                chunk, which = flat[start:start + per], self._next_set()  # in turn with the sums' chunks
                 if self.rank == 0:
-                    self._slot(0, chunk.dtype, chunk.size)[...] = chunk
+                    self._slot(0, chunk.dtype, chunk.size, which)[...] = chunk
                 self._wait()
                 if self.rank > 0:
-                    chunk[...] = self._slot(0, chunk.dtype, chunk.size)
-                self._wait()
+                    chunk[...] = self._slot(0, chunk.dtype, chunk.size, which)
         _unpack(packed, arrays)
 
     def broadcast_object(self, value):
@@ -241,7 +253,7 @@ def run(size: int, target, *args, log=print):
     if int(size) != size or size < 1:
         raise ValueError(f"ranks must be a positive integer, got {size!r}")
     context = multiprocessing.get_context("spawn")
-    block = shared_memory.SharedMemory(create=True, size=size * SLOT_BYTES)
+    block = shared_memory.SharedMemory(create=True, size=SETS * size * SLOT_BYTES)
     barrier = context.Barrier(size)
     ends = [context.Pipe() for _ in range(size - 1)]  # rank 0 <-> rank r
     reports = [context.Pipe(duplex=False) for _ in range(size)]  # rank r -> here

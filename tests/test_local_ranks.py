@@ -86,6 +86,30 @@ def test_collectives_on_local_ranks(size):
     assert report["ranks passing"] == dict.fromkeys(report["ranks passing"], size), report["ranks passing"]
 
 
+
+def _back_to_back(comm, calls):
+    """``calls`` sums and broadcasts with no other synchronisation between them, each result checked here:
+    a rank that reuses a slot before another has read it gets (or gives) a wrong value."""
+    r, n = comm.rank, comm.size
+    wrong = 0
+    for k in range(calls):
+        if k % 5 == 4:
+            value = np.full(3, float(k + 10 * r))
+            comm.broadcast_arrays([value])
+            wrong += int(not (value == k).all())
+        else:
+            total = comm.allreduce_sum_(np.full(1000 + k % 3, float(k * (r + 1))))
+            wrong += int(not (total == k * n * (n + 1) / 2).all())
+    return int(comm.allreduce_sum(np.array([wrong]))[0])
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_back_to_back_collectives_never_overwrite_a_slot_in_use(size):
+    """Sums and broadcasts take the two sets of slots in turn with two barriers a chunk: a fast rank may
+    start the next one while the others still copy out of this one, but never writes where they read."""
+    assert local_ranks.run(size, _back_to_back, 400) == 0
+
+
 def _fails(comm, how):
     comm.barrier()
     if comm.rank == 1:
