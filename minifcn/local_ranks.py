@@ -38,7 +38,8 @@ Under load every barrier is a chance to wait for a descheduled rank; two sets
 make two barriers a chunk where one set needs three.
 
 Each process holds ``cores // N`` BLAS threads and band threads, as
-``mpiexec`` ranks do. A rank that fails sends its exception to the parent,
+``mpiexec`` ranks do, and is pinned to its own ``cores // N`` cores
+(:func:`cores_of_rank`; ``MINIFCN_PIN_RANKS=0`` turns it off). A rank that fails sends its exception to the parent,
 which stops the others and raises it; checkpoints are atomic, so the last good
 one survives. Ctrl-C stops every rank, and a rank ends when the parent does
 (even one killed outright).
@@ -62,6 +63,7 @@ from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientA
 SLOT_BYTES = 8 << 20   # per rank and set; a sum of a larger array runs in chunks of this
 SETS = 2               # sets of slots, used in turn (the module docstring says why two)
 STOP_GRACE_S = 2.0     # after a rank failed: how long the others may take to stop on their own before being ended
+PIN_VARIABLE = "MINIFCN_PIN_RANKS"  # "0": the ranks are not pinned to cores (see cores_of_rank)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MINIFCN_NUM_THREADS")
 
 
@@ -188,6 +190,30 @@ def threads_per_rank(size: int) -> int:
     return max(1, cores // size)
 
 
+def cores_of_rank(rank: int, size: int, cores=None):
+    """The cores rank ``rank`` of ``size`` is pinned to: its own ``len(cores) // size`` of the cores this
+    process may use (``cores``, default its affinity), or None (not pinned) where there are fewer cores
+    than ranks, on a system without affinities, or with ``MINIFCN_PIN_RANKS=0``.
+
+    Why: two ranks step in lockstep, and beside another busy process the scheduler otherwise moves
+    them, sometimes onto one core together; pinned, it moves the other process instead. Beside one busy
+    process on two cores the short run of ``bench_under_load.py`` took 1.67x its time alone pinned
+    against 1.76x not, and the same time alone (benchmarks/RESULTS.md, "Sixth session").
+    """
+    if os.environ.get(PIN_VARIABLE, "").strip() == "0":
+        return None
+    if cores is None:
+        try:
+            cores = os.sched_getaffinity(0)
+        except AttributeError:  # not on Linux
+            return None
+    cores = sorted(cores)
+    share = len(cores) // size
+    if share < 1:
+        return None
+    return set(cores[rank * share:(rank + 1) * share])
+
+
 @contextmanager
 def _child_environment(size: int):
     """Thread counts for the children: ``cores // size`` each, unless the user set them (read by
@@ -220,9 +246,12 @@ def _end_with_the_parent() -> None:
     threading.Thread(target=watch, name="minifcn-parent-watch", daemon=True).start()
 
 
-def _rank_main(rank, size, block_name, barrier, pipes, messages, target, args):
-    """The body of one rank's process: ``target(comm, *args)``; its result or exception goes to the parent."""
+def _rank_main(rank, size, block_name, barrier, pipes, messages, target, args, cores):
+    """The body of one rank's process: ``target(comm, *args)``, on ``cores`` (all the parent's if None);
+    its result or exception goes to the parent."""
     _end_with_the_parent()
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
     comm = SharedMemoryCommunicator(rank, size, block_name, barrier, pipes, messages)
     try:
         result = target(comm, *args)
@@ -264,7 +293,7 @@ def run(size: int, target, *args, log=print):
                 pipes = [a for a, _ in ends] if rank == 0 else [ends[rank - 1][1]]
                 process = context.Process(target=_rank_main, name=f"minifcn-rank-{rank}", daemon=True,
                                           args=(rank, size, block.name, barrier, pipes, reports[rank][1], target,
-                                                args))
+                                                args, cores_of_rank(rank, size)))
                 process.start()
                 processes.append(process)
         for a, b in ends:  # only the children hold them now: a rank that dies closes its end for good

@@ -110,6 +110,37 @@ def test_back_to_back_collectives_never_overwrite_a_slot_in_use(size):
     assert local_ranks.run(size, _back_to_back, 400) == 0
 
 
+
+def _cores(comm):
+    """How many ranks run on each core (summed over the ranks), and this rank's core count."""
+    mine = os.sched_getaffinity(0)
+    on = np.zeros(os.cpu_count() or 1, np.int64)
+    on[sorted(mine)] = 1
+    return comm.allreduce_sum(on).tolist(), len(mine)
+
+
+def test_cores_of_rank_shares_the_cores_out():
+    assert local_ranks.cores_of_rank(0, 2, {0, 1, 2, 3}) == {0, 1}
+    assert local_ranks.cores_of_rank(1, 2, {5, 3, 4, 6}) == {5, 6}
+    assert local_ranks.cores_of_rank(2, 3, {0, 1, 2, 3}) == {2}   # the last core is left to the rest
+    assert local_ranks.cores_of_rank(0, 3, {0, 1}) is None         # more ranks than cores: not pinned
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinities and two cores")
+@pytest.mark.parametrize("pin", ["", "0"])
+def test_ranks_run_on_their_own_cores_unless_told_not_to(monkeypatch, pin):
+    """Pinned, the two ranks share no core and each has half of the parent's; MINIFCN_PIN_RANKS=0 leaves
+    both on all of them."""
+    monkeypatch.setenv(local_ranks.PIN_VARIABLE, pin)
+    parent = os.sched_getaffinity(0)
+    per_core, own = local_ranks.run(2, _cores)
+    if pin == "0":
+        assert own == len(parent) and max(per_core) == 2
+    else:
+        assert own == len(parent) // 2 and max(per_core) == 1 and sum(per_core) == 2 * own
+
+
 def _fails(comm, how):
     comm.barrier()
     if comm.rank == 1:
