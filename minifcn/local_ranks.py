@@ -198,7 +198,9 @@ def cores_of_rank(rank: int, size: int, cores=None):
     Why: two ranks step in lockstep, and beside another busy process the scheduler otherwise moves
     them, sometimes onto one core together; pinned, it moves the other process instead. Beside one busy
     process on two cores the short run of ``bench_under_load.py`` took 1.67x its time alone pinned
-    against 1.76x not, and the same time alone (benchmarks/RESULTS.md, "Sixth session").
+    against 1.76x not, and the same time alone (benchmarks/RESULTS.md, "Sixth session"). Two jobs
+    started at once on one machine take the same cores for their rank r: run them with
+    ``MINIFCN_PIN_RANKS=0``, or give each its own cores (``taskset``), whose share is then pinned.
     """
     if os.environ.get(PIN_VARIABLE, "").strip() == "0":
         return None

@@ -86,7 +86,6 @@ def test_collectives_on_local_ranks(size):
     assert report["ranks passing"] == dict.fromkeys(report["ranks passing"], size), report["ranks passing"]
 
 
-
 def _back_to_back(comm, calls):
     """``calls`` sums and broadcasts with no other synchronisation between them, each result checked here:
     a rank that reuses a slot before another has read it gets (or gives) a wrong value."""
