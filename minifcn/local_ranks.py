@@ -197,12 +197,16 @@ def cores_of_rank(rank: int, size: int, cores=None):
 
     Why: two ranks step in lockstep, and beside another busy process the scheduler otherwise moves
     them, sometimes onto one core together; pinned, it moves the other process instead. Beside one busy
-    process on two cores the short run of ``bench_under_load.py`` took 1.67x its time alone pinned
-    against 1.76x not, and the same time alone (benchmarks/RESULTS.md, "Sixth session"). Two jobs
+    process that made the run shorter, and alone it changed nothing (benchmarks/RESULTS.md, "Pinned
+    ranks"). ``MINIFCN_PIN_RANKS`` other than ``0``, ``1`` or unset is refused by name. Two jobs
     started at once on one machine take the same cores for their rank r: run them with
     ``MINIFCN_PIN_RANKS=0``, or give each its own cores (``taskset``), whose share is then pinned.
     """
-    if os.environ.get(PIN_VARIABLE, "").strip() == "0":
+    setting = os.environ.get(PIN_VARIABLE, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{PIN_VARIABLE} must be 0 (ranks not pinned to cores) or 1 (pinned, the default), "
+                         f"got {setting!r}")
+    if setting == "0":
         return None
     if cores is None:
         try:
@@ -283,6 +287,7 @@ def run(size: int, target, *args, log=print):
     """
     if int(size) != size or size < 1:
         raise ValueError(f"ranks must be a positive integer, got {size!r}")
+    cores = [cores_of_rank(rank, size) for rank in range(size)]  # a bad MINIFCN_PIN_RANKS stops it here
     context = multiprocessing.get_context("spawn")
     block = shared_memory.SharedMemory(create=True, size=SETS * size * SLOT_BYTES)
     barrier = context.Barrier(size)
@@ -295,7 +300,7 @@ def run(size: int, target, *args, log=print):
                 pipes = [a for a, _ in ends] if rank == 0 else [ends[rank - 1][1]]
                 process = context.Process(target=_rank_main, name=f"minifcn-rank-{rank}", daemon=True,
                                           args=(rank, size, block.name, barrier, pipes, reports[rank][1], target,
-                                                args, cores_of_rank(rank, size)))
+                                                args, cores[rank]))
                 process.start()
                 processes.append(process)
         for a, b in ends:  # only the children hold them now: a rank that dies closes its end for good

@@ -125,6 +125,15 @@ def test_cores_of_rank_shares_the_cores_out():
     assert local_ranks.cores_of_rank(0, 3, {0, 1}) is None         # more ranks than cores: not pinned
 
 
+@pytest.mark.parametrize("bad", ["no", "false", "2", "yes"])
+def test_a_bad_pin_setting_is_refused_by_name(monkeypatch, bad):
+    monkeypatch.setenv(local_ranks.PIN_VARIABLE, bad)
+    with pytest.raises(ValueError, match=f"MINIFCN_PIN_RANKS must be 0 .* got '{bad}'"):
+        local_ranks.cores_of_rank(0, 2, {0, 1})
+    with pytest.raises(ValueError, match="MINIFCN_PIN_RANKS"):  # before any process starts
+        local_ranks.run(2, _cores)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs CPU affinities and two cores")
 @pytest.mark.parametrize("pin", ["", "0"])
