@@ -214,7 +214,8 @@ def test_shifted_routes_equal_the_textbook_in_both_dtypes(dtype, tol, monkeypatc
     monkeypatch.setenv("MINIFCN_ROUTE", "fast")  # select() names the route the fast mode takes
     rng = np.random.default_rng(31)
     cases = [((2, 8, 37, 29), (8, 8, 3, 3), (1, 1), (1, 1)), ((1, 5, 20, 23), (3, 5, 2, 4), (0, 2), (2, 1)),
-             ((3, 12, 11, 9), (8, 12, 3, 1), (1, 0), (1, 2)), ((2, 3, 9, 14), (6, 3, 3, 3), (1, 1), (1, 1))]
+             ((3, 12, 11, 9), (8, 12, 3, 1), (1, 0), (1, 2)), ((2, 3, 9, 14), (6, 3, 3, 3), (1, 1), (1, 1)),
+             ((8, 24, 9, 11), (40, 24, 3, 3), (1, 1), (1, 1))]  # a batch of 8: wider channels take it too
     checked = Counter()
     for budget in (0, 2048):  # one band, then bands of a few rows
         monkeypatch.setitem(conv_fast.SHIFTED_BAND_BYTES, "numpy", budget)
@@ -235,7 +236,26 @@ def test_shifted_routes_equal_the_textbook_in_both_dtypes(dtype, tol, monkeypatc
                 got = conv_fast.weight_grad_by_shifted_products(dy, x, w_shape, (1, 1), p, d, accumulate=acc.copy())
                 assert got.dtype == dtype and _rel(got, want) < tol, label
                 checked[WEIGHT_GRAD] += 1
-    assert checked == {FORWARD: 6, WEIGHT_GRAD: 6}, checked
+    assert checked == {FORWARD: 8, WEIGHT_GRAD: 8}, checked
+
+
+def test_shifted_rule_widens_only_for_batches_of_shifted_batch_images(monkeypatch):
+    """Up to 64 channels in and out, Cout <= 2 Cin, from a batch of SHIFTED_BATCH images; fewer keep the narrow rule."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")
+    def chosen(op, n, cin, cout):
+        return routes.select(op, *conv_fast.conv_facts((n, cin, 33, 33), (cout, cin, 3, 3), (1, 1), (1, 1), (1, 1))).name
+
+    big = conv_fast.SHIFTED_BATCH
+    most = conv_fast.SHIFTED_BATCH_MOST_CHANNELS
+    for op in (FORWARD, WEIGHT_GRAD):
+        assert chosen(op, big, most, most) == "shifted"
+        assert chosen(op, big - 1, most, most) != "shifted"
+        assert chosen(op, big, most + 1, most) != "shifted"
+        assert chosen(op, big, most, most + 1) != "shifted"
+        assert chosen(op, big, most // 2, most) == "shifted"      # Cout = 2 Cin
+        assert chosen(op, big, most // 2 - 1, most) != "shifted"  # fewer in: the products are too thin
+    assert chosen(FORWARD, big, 3, 8) != "shifted"  # 3 channels in stay too thin for the forward
+    assert chosen(WEIGHT_GRAD, big, 3, 8) == "shifted"  # the narrow rule, at any batch
 
 
 def test_shifted_forward_cuts_to_out_hw(monkeypatch):

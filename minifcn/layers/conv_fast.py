@@ -351,10 +351,26 @@ def forward_by_blocks(x, weight, stride, padding, dilation, out_hw=None, bias=No
 # channels (conv1_1) the forward's k*k products are too thin; with 16 output
 # channels (conv2_1) the columns' one product is the faster.
 
+# In a batch of at least SHIFTED_BATCH images the products are made per image
+# and the bands shared by the CPU threads; there the shifted products also beat
+# the columns up to 64 channels in and out, where Cout <= 2 Cin (every 3 x 3
+# layer of the small FCN but conv1_1, at batch 8). With fewer channels in than
+# that (3 -> 64, 8 -> 64) each product is too thin and the columns win, by up to
+# 9x. RESULTS.md, "shifted products in batches"; measured on an Intel Xeon.
+SHIFTED_BATCH = 8
+SHIFTED_BATCH_MOST_CHANNELS = 64
+
+
 def shifted_applies(u, cout, most_in, most_out, least_in=1):
-    """Stride 1, a kernel larger than 1x1, ``least_in <= Cin <= most_in`` and ``Cout <= most_out``."""
-    return (u.stride == (1, 1) and u.kernel != (1, 1) and least_in <= u.x_shape[1] <= most_in
-            and cout <= most_out)
+    """Stride 1, a kernel larger than 1x1, ``least_in <= Cin``, and either ``Cin <= most_in`` and
+    ``Cout <= most_out``, or a batch of ``SHIFTED_BATCH`` images or more with at most
+    ``SHIFTED_BATCH_MOST_CHANNELS`` channels in and out and ``Cout <= 2 Cin``."""
+    n, cin = u.x_shape[:2]
+    if u.stride != (1, 1) or u.kernel == (1, 1) or cin < least_in:
+        return False
+    if cin <= most_in and cout <= most_out:
+        return True
+    return n >= SHIFTED_BATCH and max(cin, cout) <= SHIFTED_BATCH_MOST_CHANNELS and cout <= 2 * cin
 
 
 def _flat_padded(x, u):
@@ -384,8 +400,9 @@ def _shifted_bands(u, xp, itemsize, wp):
 
 
 @register(FORWARD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 16, 8, least_in=4),
-          reason="stride 1, 4-16 channels in, <= 8 out: k*k products of contiguous shifted slices "
-                 "on the padded width, no columns")
+          reason=f"stride 1, 4-16 channels in and <= 8 out (in batches of {SHIFTED_BATCH} or more: "
+                 f"<= {SHIFTED_BATCH_MOST_CHANNELS}, Cout <= 2 Cin): "
+                 "k*k products of contiguous shifted slices on the padded width, no columns")
 def forward_by_shifted_products(x, weight, stride, padding, dilation, out_hw=None, bias=None):
     """``C x (+ b)`` at stride 1 as a sum of k*k products of shifted slices, band by band of output rows.
 
@@ -636,8 +653,9 @@ def input_grad_by_bands(dy, weight, x_shape, stride, padding, dilation):
 # --------------------------------------------------------------------------- weight gradient: dW = dy . cols^T
 
 @register(WEIGHT_GRAD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 8, 8),
-          reason="stride 1, <= 8 channels in, <= 8 out: dW[:, :, i, j] = dy times a shifted slice, "
-                 "on the padded width, no columns")
+          reason=f"stride 1, <= 8 channels in and out (in batches of {SHIFTED_BATCH} or more: "
+                 f"<= {SHIFTED_BATCH_MOST_CHANNELS}, Cout <= 2 Cin): dW[:, :, i, j] = dy "
+                 "times a shifted slice, on the padded width, no columns")
 def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
     """``dW += dy . cols^T`` at stride 1 as k*k products with shifted slices, band by band of output rows.
 
