@@ -323,8 +323,12 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(tmp_path):
     out = tmp_path / "run"
     args = list(TINY_TRAIN)
     args[args.index("--epochs") + 1] = "200"
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive
+    # shell (`pytest &`) ignores SIGINT, Python then keeps it ignored, and the training would finish its
+    # 200 epochs and exit 0 instead of stopping
     proc = subprocess.Popen([sys.executable, "-m", "minifcn", "train", *args, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
