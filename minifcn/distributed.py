@@ -233,10 +233,8 @@ class _GradientAverager:
         return self.buckets.buffers() if self.route == "buckets" else [p.grad for p in self.params]
 
     def __call__(self) -> None:
-        inverse = 1.0 / self.comm.size
         for array in self.arrays():
-            self.comm.allreduce_sum_(array)
-            array *= array.dtype.type(inverse)
+            self.comm.allreduce_mean_(array)
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +286,13 @@ class SingleProcess:
     def allreduce_sum(self, array):
         """The sum over the ranks of a host array (a copy; ``array`` is left as it is)."""
         return np.array(array, copy=True)
+
+    def allreduce_mean_(self, array):
+        """``array`` replaced in place by its mean over the ranks, ``sum * (1 / size)`` (the factor in
+        ``array``'s dtype); returns it."""
+        self.allreduce_sum_(array)
+        array *= array.dtype.type(1.0 / self.size)
+        return array
 
     def gradient_averager(self, params, route: str = "buckets", bucket_bytes: int = BUCKET_BYTES):
         """A callable that averages the gradients of the trainable ``params`` over the ranks."""

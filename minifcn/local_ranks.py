@@ -37,6 +37,11 @@ barrier, which no rank passes before every rank has finished copying back.
 Under load every barrier is a chance to wait for a descheduled rank; two sets
 make two barriers a chunk where one set needs three.
 
+The barrier is :class:`RankBarrier`, a semaphore for each ordered pair of
+ranks with a short spin before sleeping: a wait of ``multiprocessing.Barrier``
+(a condition variable over several semaphores) took several times as long,
+and a training step waits a few times (benchmarks/RESULTS.md).
+
 Each process holds ``cores // N`` BLAS threads and band threads, as
 ``mpiexec`` ranks do, and is pinned to its own ``cores // N`` cores
 (:func:`cores_of_rank`; ``MINIFCN_PIN_RANKS=0`` turns it off). A rank that fails sends its exception to the parent,
@@ -60,8 +65,10 @@ from .backend import get_array_module, to_numpy
 from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientAverager, _pack, _unpack, \
     mismatch_message
 
-SLOT_BYTES = 8 << 20   # per rank and set; a sum of a larger array runs in chunks of this
+SLOT_BYTES = 16 << 20  # per rank and set; a sum of a larger array runs in chunks of this (the small FCN-8s's gradient in one)
 SETS = 2               # sets of slots, used in turn (the module docstring says why two)
+SPIN_TRIES = 100       # RankBarrier: non-blocking tries (microseconds in all) before a rank sleeps on a semaphore
+ABORT_POLL_S = 0.1     # RankBarrier: how often a sleeping rank looks whether the barrier was aborted
 STOP_GRACE_S = 2.0     # after a rank failed: how long the others may take to stop on their own before being ended
 PIN_VARIABLE = "MINIFCN_PIN_RANKS"  # "0": the ranks are not pinned to cores (see cores_of_rank)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MINIFCN_NUM_THREADS")
@@ -69,6 +76,54 @@ THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 
 class RankFailed(RuntimeError):
     """A rank's process ended without a result (killed, or out of memory)."""
+
+
+class RankBarrier:
+    """A barrier of ``size`` processes: one semaphore per ordered pair of ranks, a short spin, then sleep.
+
+    Rank r arrives by giving a token to every other rank (releasing semaphore
+    ``(r, k)``), then takes one token from every other rank (acquiring
+    ``(k, r)``): it passes once all have arrived. Tokens are counted, so one
+    given early for the next wait is not lost, and the next wait's token of
+    rank k cannot stand in for this one's: k gives it only after passing this
+    wait itself. A rank first tries ``SPIN_TRIES`` times without blocking
+    (the other rank is often microseconds away), then sleeps.
+
+    :meth:`abort` (a failed rank, or the parent) marks the barrier broken: a
+    rank in :meth:`wait`, or arriving later, raises
+    ``threading.BrokenBarrierError`` within ``ABORT_POLL_S``, as a rank in an
+    aborted ``multiprocessing.Barrier`` does. Made in the parent and passed to
+    the ranks as a :class:`multiprocessing.Process` argument.
+    """
+
+    def __init__(self, size: int, context):
+        self.size = int(size)
+        self._tokens = [[context.Semaphore(0) if giver != taker else None for taker in range(self.size)]
+                        for giver in range(self.size)]
+        self._broken = context.RawValue("b", 0)
+
+    def wait(self, rank: int) -> None:
+        """Return once every rank has called ``wait`` as often as ``rank`` has."""
+        if self._broken.value:
+            raise threading.BrokenBarrierError
+        for other in range(self.size):
+            if other != rank:
+                self._tokens[rank][other].release()
+        for other in range(self.size):
+            if other != rank:
+                self._take(self._tokens[other][rank])
+
+    def _take(self, token) -> None:
+        for _ in range(SPIN_TRIES):
+            if token.acquire(False):
+                return
+        while not token.acquire(timeout=ABORT_POLL_S):
+            if self._broken.value:
+                raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        """Break the barrier: every rank waiting in it, or coming to it later, raises BrokenBarrierError."""
+        self._broken.value = 1
 
 
 class SharedMemoryCommunicator(SingleProcess):
@@ -95,10 +150,19 @@ class SharedMemoryCommunicator(SingleProcess):
         return np.ndarray((count,), dtype=dtype, buffer=self._block.buf, offset=offset)
 
     def _wait(self):
-        self._barrier.wait()
+        self._barrier.wait(self.rank)
 
     # -- sums ---------------------------------------------------------------------
     def allreduce_sum_(self, array):
+        return self._allreduce_(array, None)
+
+    def allreduce_mean_(self, array):
+        # Each rank multiplies its own part of the sum while it is in cache, before the copy back: the
+        # bits of allreduce_sum_ then `array *= factor`, one pass over the array fewer.
+        return self._allreduce_(array, array.dtype.type(1.0 / self.size))
+
+    def _allreduce_(self, array, factor):
+        """The sum over the ranks, times ``factor`` unless None, in place (module docstring)."""
         xp = get_array_module(array)
         if not array.flags.c_contiguous:
             raise ValueError(f"allreduce_sum_: need a contiguous array, got strides {array.strides}")
@@ -114,6 +178,8 @@ class SharedMemoryCommunicator(SingleProcess):
             total = self._slot(0, chunk.dtype, n, which)[lo:hi]
             for other in range(1, self.size):  # in rank order: the same bits on every rank
                 total += self._slot(other, chunk.dtype, n, which)[lo:hi]
+            if factor is not None:
+                total *= factor
             self._wait()
             chunk[...] = self._slot(0, chunk.dtype, n, which)  # no barrier after: the next chunk takes the other set
         if xp is not np:
@@ -290,7 +356,7 @@ def run(size: int, target, *args, log=print):
     cores = [cores_of_rank(rank, size) for rank in range(size)]  # a bad MINIFCN_PIN_RANKS stops it here
     context = multiprocessing.get_context("spawn")
     block = shared_memory.SharedMemory(create=True, size=SETS * size * SLOT_BYTES)
-    barrier = context.Barrier(size)
+    barrier = RankBarrier(size, context)
     ends = [context.Pipe() for _ in range(size - 1)]  # rank 0 <-> rank r
     reports = [context.Pipe(duplex=False) for _ in range(size)]  # rank r -> here
     processes = []

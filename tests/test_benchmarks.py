@@ -218,3 +218,11 @@ def test_bench_before_after_gives_both_versions_the_same_crop():
     assert all(x.shape[2:] == (48, 48) for x, _ in data)
     model = next(c.cell_contents for c in whole.__closure__ if hasattr(c.cell_contents, "conv1_1"))
     assert model.conv1_1.out_channels == 4  # 64 * 0.0625: the width asked for
+
+
+def test_bench_barrier_times_each_barrier():
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_barrier.py"), "--waits", "50", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("multiprocessing.", "RankBarrier"))]
+    assert len(rows) == 3 and all(float(line.split()[-1]) > 0 for line in rows), proc.stdout

@@ -38,6 +38,8 @@ def _collectives(comm):
             expected += np.random.default_rng(other).standard_normal(size).astype(np.float32) if other != r \
                 else mine
         report[f"sum {size}"] = bool(np.array_equal(total, expected))
+        mean = comm.allreduce_mean_(mine.copy())  # the sum's bits times the dtype's 1 / n
+        report[f"mean {size}"] = bool(np.array_equal(mean, expected * np.float32(1.0 / n)))
         rng = np.random.default_rng(r)  # the next size draws from the start again, as 'expected' does
     matrix = np.arange(9, dtype=np.int64).reshape(3, 3) * (r + 1)
     report["in place"] = comm.allreduce_sum_(matrix) is matrix
@@ -72,7 +74,8 @@ def test_collectives_on_local_ranks(size):
     lines = []
     report = local_ranks.run(size, _collectives, log=lines.append)
     assert report["broadcast"] and report["object"] == {"rank": 0}
-    assert all(report[k] for k in report if k.startswith("sum ")), report
+    assert all(report[k] for k in report if k.startswith(("sum ", "mean "))), report
+    assert sum(k.startswith("mean ") for k in report) >= 3  # sizes 1, 7 and past a slot (and n - 1)
     assert report["in place"]
     scale = size * (size + 1) // 2
     assert report["matrix"] == (scale * np.arange(9).reshape(3, 3)).tolist()
@@ -108,6 +111,64 @@ def test_back_to_back_collectives_never_overwrite_a_slot_in_use(size):
     start the next one while the others still copy out of this one, but never writes where they read."""
     assert local_ranks.run(size, _back_to_back, 400) == 0
 
+
+
+def _barrier_rounds(barrier, rank, arrived, rounds, report):
+    """Each round: say so in arrived[rank], wait, and check that every rank has reached this round."""
+    behind = 0
+    for g in range(1, rounds + 1):
+        arrived[rank] = g
+        barrier.wait(rank)
+        behind += sum(1 for k in range(len(arrived)) if arrived[k] < g)
+        if rank == g % len(arrived):  # one rank a round is late, by turns: the others sleep on their tokens
+            time.sleep(0.002 if g % 50 == 0 else 0)
+    report.put((rank, behind))
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_rank_barrier_lets_no_rank_pass_before_all_have_arrived(size):
+    """RankBarrier over hundreds of rounds, ranks late by turns (some by milliseconds, past the spin): no
+    rank ever passes round g while another has not reached it."""
+    import multiprocessing  # noqa: PLC0415
+
+    context = multiprocessing.get_context("spawn")
+    barrier, arrived, report = local_ranks.RankBarrier(size, context), context.RawArray("i", size), context.Queue()
+    processes = [context.Process(target=_barrier_rounds, args=(barrier, r, arrived, 400, report))
+                 for r in range(size)]
+    for process in processes:
+        process.start()
+    results = dict(report.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(10)
+    assert results == {r: 0 for r in range(size)}
+
+
+def _wait_alone(barrier, report):
+    try:
+        barrier.wait(0)
+        report.put("passed")
+    except threading.BrokenBarrierError:
+        report.put("broken")
+
+
+def test_an_aborted_rank_barrier_wakes_its_waiters_and_refuses_later_ones():
+    """abort() from another process: a rank asleep in wait() raises BrokenBarrierError within the poll
+    interval, and a later wait raises at once."""
+    import multiprocessing  # noqa: PLC0415
+
+    context = multiprocessing.get_context("spawn")
+    barrier, report = local_ranks.RankBarrier(2, context), context.Queue()
+    waiter = context.Process(target=_wait_alone, args=(barrier, report))
+    waiter.start()
+    time.sleep(1.0)  # rank 1 never comes: rank 0 is asleep on its token
+    assert report.empty()
+    started = time.monotonic()
+    barrier.abort()
+    assert report.get(timeout=10) == "broken"
+    assert time.monotonic() - started < 10 * local_ranks.ABORT_POLL_S + 1
+    waiter.join(10)
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(1)
 
 
 def _cores(comm):
