@@ -41,22 +41,16 @@ def time_barrier(kind: str, size: int, waits: int, spin_tries: int | None = None
     if kind == "multiprocessing":
         barrier = context.Barrier(size)
     else:
-        barrier = local_ranks.RankBarrier(size, context)
+        barrier = local_ranks.RankBarrier(size, context, local_ranks.SPIN_TRIES if spin_tries is None else spin_tries)
     report = context.Queue()
-    processes = [context.Process(target=_child, args=(barrier, r, waits, local_ranks.cores_of_rank(r, size),
-                                                      report, spin_tries)) for r in range(size)]
+    processes = [context.Process(target=_waits, args=(barrier, r, waits, local_ranks.cores_of_rank(r, size), report))
+                 for r in range(size)]
     for process in processes:
         process.start()
     times = [report.get(timeout=120) for _ in processes]
     for process in processes:
         process.join()
     return statistics.median(times)
-
-
-def _child(barrier, rank, waits, cores, report, spin_tries):
-    if spin_tries is not None:
-        local_ranks.SPIN_TRIES = spin_tries
-    _waits(barrier, rank, waits, cores, report)
 
 
 def main(argv=None) -> None:

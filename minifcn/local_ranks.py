@@ -86,8 +86,10 @@ class RankBarrier:
     ``(k, r)``): it passes once all have arrived. Tokens are counted, so one
     given early for the next wait is not lost, and the next wait's token of
     rank k cannot stand in for this one's: k gives it only after passing this
-    wait itself. A rank first tries ``SPIN_TRIES`` times without blocking
-    (the other rank is often microseconds away), then sleeps.
+    wait itself. A rank first tries ``spin_tries`` times without blocking
+    (the other rank is often microseconds away), then sleeps; with more ranks
+    than cores a spinning rank would hold a core another rank needs, and
+    :func:`run` passes 0.
 
     :meth:`abort` (a failed rank, or the parent) marks the barrier broken: a
     rank in :meth:`wait`, or arriving later, raises
@@ -96,8 +98,8 @@ class RankBarrier:
     the ranks as a :class:`multiprocessing.Process` argument.
     """
 
-    def __init__(self, size: int, context):
-        self.size = int(size)
+    def __init__(self, size: int, context, spin_tries: int = SPIN_TRIES):
+        self.size, self.spin_tries = int(size), int(spin_tries)
         self._tokens = [[context.Semaphore(0) if giver != taker else None for taker in range(self.size)]
                         for giver in range(self.size)]
         self._broken = context.RawValue("b", 0)
@@ -114,7 +116,7 @@ class RankBarrier:
                 self._take(self._tokens[other][rank])
 
     def _take(self, token) -> None:
-        for _ in range(SPIN_TRIES):
+        for _ in range(self.spin_tries):
             if token.acquire(False):
                 return
         while not token.acquire(timeout=ABORT_POLL_S):
@@ -356,7 +358,7 @@ def run(size: int, target, *args, log=print):
     cores = [cores_of_rank(rank, size) for rank in range(size)]  # a bad MINIFCN_PIN_RANKS stops it here
     context = multiprocessing.get_context("spawn")
     block = shared_memory.SharedMemory(create=True, size=SETS * size * SLOT_BYTES)
-    barrier = RankBarrier(size, context)
+    barrier = RankBarrier(size, context, SPIN_TRIES if threads_per_rank(1) >= size else 0)  # a core each: spin
     ends = [context.Pipe() for _ in range(size - 1)]  # rank 0 <-> rank r
     reports = [context.Pipe(duplex=False) for _ in range(size)]  # rank r -> here
     processes = []

@@ -125,14 +125,14 @@ def _barrier_rounds(barrier, rank, arrived, rounds, report):
     report.put((rank, behind))
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_rank_barrier_lets_no_rank_pass_before_all_have_arrived(size):
-    """RankBarrier over hundreds of rounds, ranks late by turns (some by milliseconds, past the spin): no
-    rank ever passes round g while another has not reached it."""
+@pytest.mark.parametrize("size,spin", [(2, local_ranks.SPIN_TRIES), (3, local_ranks.SPIN_TRIES), (3, 0)])
+def test_rank_barrier_lets_no_rank_pass_before_all_have_arrived(size, spin):
+    """RankBarrier over hundreds of rounds, ranks late by turns (some by milliseconds, past the spin), with
+    and without the spin: no rank ever passes round g while another has not reached it."""
     import multiprocessing  # noqa: PLC0415
 
     context = multiprocessing.get_context("spawn")
-    barrier, arrived, report = local_ranks.RankBarrier(size, context), context.RawArray("i", size), context.Queue()
+    barrier, arrived, report = local_ranks.RankBarrier(size, context, spin), context.RawArray("i", size), context.Queue()
     processes = [context.Process(target=_barrier_rounds, args=(barrier, r, arrived, 400, report))
                  for r in range(size)]
     for process in processes:
