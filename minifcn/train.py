@@ -41,6 +41,7 @@ about one core busy. ``ranks=1`` trains in this process.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -277,26 +278,53 @@ def eval_batch_size(dataset: str) -> int:
     return 4 if dataset == "shapes" else 1
 
 
-def evaluate(model, loader, num_classes: int, device: str = "cpu", comm=None):
+def evaluate(model, loader, num_classes: int, device: str = "cpu", comm=None, keep=None):
     """Accumulate one confusion matrix over the whole loader; returns ``scores()`` of it.
 
     Raises NonFiniteLogits if the model's logits hold NaN or infinity (their argmax
     would be scored as class 0, a plausible-looking pixel accuracy). With a
     communicator of N ranks, each rank's loader holds its shard of the data and
-    the matrices are summed over the ranks before scoring.
+    the matrices are summed over the ranks before scoring. ``keep``: dataset
+    indices whose predicted labels to keep; returned as ``scores["kept"]``,
+    ``{index: labels (H, W) int64}`` for those this rank scored (the preview
+    of :func:`gather_predictions`).
     """
     model.eval()
     confusion = ConfusionMatrix(max(num_classes, 2))
     dtype = model_dtype(model)
-    for batch, (images, labels) in enumerate(loader):
+    keep, kept = set(keep or ()), {}
+    indices_of = loader.batch_indices(0) if keep else itertools.repeat(())  # any iterable loader without keep
+    for batch, (indices, (images, labels)) in enumerate(zip(indices_of, loader)):
         logits = model(to_device(images, device).astype(dtype, copy=False))
         if not bool(get_array_module(logits).isfinite(logits).all()):
             model.train()
             raise NonFiniteLogits(f"the model's logits hold NaN or infinity on evaluation batch {batch}")
-        confusion.update(labels_of(logits), to_device(labels, device))
+        predicted = labels_of(logits)
+        confusion.update(predicted, to_device(labels, device))
+        for j, index in enumerate(indices):
+            if int(index) in keep:
+                kept[int(index)] = to_numpy(predicted[j]).astype(np.int64)
     (comm or world()).allreduce_sum_(confusion.matrix)
     model.train()
-    return confusion.scores()
+    scores = confusion.scores()
+    if keep:
+        scores["kept"] = kept
+    return scores
+
+
+def gather_predictions(comm, kept: dict, count: int) -> list:
+    """Predicted labels of samples 0 .. count-1 on every rank, from ``kept`` (this rank's, by index:
+    each sample was scored on one rank): two sums, of the shapes and of the labels, zeros elsewhere."""
+    shapes = np.zeros((count, 2), np.int64)
+    for index, labels in kept.items():
+        shapes[index] = labels.shape
+    comm.allreduce_sum_(shapes)
+    ends = np.cumsum(shapes.prod(axis=1))
+    flat = np.zeros(int(ends[-1]) if count else 0, np.int64)
+    for index, labels in kept.items():
+        flat[ends[index] - labels.size:ends[index]] = labels.ravel()
+    comm.allreduce_sum_(flat)
+    return [flat[end - h * w:end].reshape(h, w) for end, (h, w) in zip(ends, shapes)]
 
 
 def _dropout_modules(model):
@@ -699,12 +727,14 @@ def _train(cfg: TrainConfig, device, log, comm):
         # Nothing is written unless the weights and the validation logits are finite. The weights are the
         # same on every rank; a rank whose shard gives non-finite logits stops the job (cli.fail).
         bad = _nonfinite_weights(model)
+        preview = range(min(cfg.num_preview, len(val_set)))  # the first held-out images, drawn as predicted
         try:
-            scores = None if bad else evaluate(model, val_loader, num_classes, device, comm)
+            scores = None if bad else evaluate(model, val_loader, num_classes, device, comm, keep=preview)
         except NonFiniteLogits as exc:
             bad = str(exc).replace("the model's logits hold", "the validation logits hold")
         if bad:
             raise TrainingDiverged(_divergence_message(bad, epoch + 1, iteration, cfg, ckpt))
+        predictions = gather_predictions(comm, scores.get("kept", {}), len(preview))
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "pixel_acc": scores["pixel_acc"], "mean_acc": scores["mean_acc"], "mean_iu": scores["mean_iu"],
                "fwiu": scores["fwiu"], "per_class_iu": scores["per_class_iu"], "lr": optimizer.lr,
@@ -715,26 +745,18 @@ def _train(cfg: TrainConfig, device, log, comm):
         if comm.rank == 0:
             _commit_epoch(paths, model, optimizer, cfg, epoch, history, class_names, improved)
             plot_training(history, os.path.join(cfg.out, "loss.png"))
-            write_predictions(model, val_set, loader_kw, os.path.join(cfg.out, "predictions.png"), class_names,
-                              cfg.num_preview, device)
+            write_predictions(val_set, predictions, os.path.join(cfg.out, "predictions.png"), class_names)
         comm.barrier()  # the epoch's files are whole on disk before any rank goes on (and may fail)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  pixel acc {row['pixel_acc']:.4f}  "
             f"mean IU {row['mean_iu']:.4f}  fw IU {row['fwiu']:.4f}  ({row['seconds']:.1f} s)")
     return history
 
 
-def write_predictions(model, dataset, loader_kw, path, class_names, count, device="cpu"):
-    """Save images | ground truth | prediction for the first ``count`` samples of ``dataset``."""
-    count = min(count, len(dataset))
-    if count == 0:
+def write_predictions(dataset, predictions, path, class_names):
+    """Save images | ground truth | prediction for the first ``len(predictions)`` samples of ``dataset``
+    (``predictions``: their predicted labels, as scored by :func:`evaluate`)."""
+    if not predictions:
         return
-    images, labels, preds = [], [], []
-    loader = DataLoader(dataset, 1, **loader_kw)
-    model.eval()
-    for i, (x, _) in zip(range(count), loader):
-        image, label = dataset[i]
-        images.append(image)
-        labels.append(np.asarray(label))
-        preds.append(to_numpy(predict_labels(model, to_device(x, device)))[0])
-    model.train()
-    prediction_grid(images, labels, preds, path, class_names=class_names)
+    samples = [dataset[i] for i in range(len(predictions))]
+    prediction_grid([image for image, _ in samples], [np.asarray(label) for _, label in samples], predictions, path,
+                    class_names=class_names)

@@ -65,6 +65,9 @@ def overlay(image, label, alpha: float = 0.5, background: int = 0) -> np.ndarray
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+PNG_COMPRESS_LEVEL = 3  # zlib level of save_png (PIL's default: 6)
+
+
 def save_png(array, path) -> None:
     """Write a uint8 (H, W) or (H, W, 3) array (or a PIL image) to ``path`` as PNG, atomically.
 
@@ -72,7 +75,9 @@ def save_png(array, path) -> None:
     ``path`` with ``os.replace``. Missing parent folders are created.
     """
     image = array if isinstance(array, Image.Image) else Image.fromarray(np.asarray(to_numpy(array), np.uint8))
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    # A fast zlib level: training writes its pictures every epoch, while rank 0's partners wait; the
+    # files come out a little larger than at PIL's default level (benchmarks/RESULTS.md).
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
 
 
 # --------------------------------------------------------------------------- prediction grid

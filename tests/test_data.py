@@ -419,3 +419,19 @@ def test_folder_refuses_to_infer_a_class_count_from_a_stray_value(tmp_path):
     assert "--num-classes" in message
     assert FolderDataset(root, num_classes=201).num_classes == 201  # said explicitly, it is accepted
     assert FolderDataset(make_folder(tmp_path / "e", value=8)).num_classes == 9  # a gap of 7 is not stray
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batch_indices_name_the_samples_of_each_batch_of_a_shard(shuffle):
+    """batch_indices(e) lists, batch by batch, the samples epoch(e) yields on this shard (crops and flips
+    included): together the shards cover the epoch's order once."""
+    ds = ShapesDataset("train", 11, image_size=24, seed=3)
+    one_by_one = [labels[0] for _, labels in DataLoader(ds, 1, seed=5, crop_size=16, flip=True).epoch(1)]
+    seen = []
+    for shard in (0, 1):
+        loader = DataLoader(ds, 2, shuffle=shuffle, seed=5, crop_size=16, flip=True, num_shards=2, shard=shard)
+        parts = list(loader.batch_indices(1))
+        for part, (_, labels) in zip(parts, loader.epoch(1), strict=True):
+            assert np.array_equal(labels, np.stack([one_by_one[i] for i in part]))
+        seen += [int(i) for part in parts for i in part]
+    assert sorted(seen) == list(range(11))

@@ -15,7 +15,7 @@ import pytest
 from minifcn import Parameter, local_ranks
 from minifcn.checkpoint import load_checkpoint
 from minifcn.distributed import LaunchMismatch, SingleProcess
-from minifcn.train import LOCAL_RANKS, TrainConfig, resolve_ranks, train
+from minifcn.train import LOCAL_RANKS, TrainConfig, gather_predictions, resolve_ranks, train
 
 
 def _collectives(comm):
@@ -52,6 +52,9 @@ def _collectives(comm):
         p.grad[...] = (r + 1) * np.arange(p.size).reshape(p.shape) + i
     comm.gradient_averager(params)()
     report["grads"] = [p.grad.tolist() for p in params]
+    # the preview's predictions, each held by the rank that scored it, of three shapes: everywhere, in order
+    kept = {i: np.full((2 + i, 3), 10 * i + 1, np.int64) for i in range(3) if i % n == r}
+    report["gathered"] = [g.tolist() for g in gather_predictions(comm, kept, 3)]
     comm.check_same({"width": 0.125})
     try:
         comm.check_same({"width": 0.125 * (r + 1)})
@@ -84,6 +87,7 @@ def test_collectives_on_local_ranks(size):
     assert report["grads"][0] == (mean * np.arange(12).reshape(4, 3)).tolist()
     assert report["grads"][1] == [1.0, 2.0]  # frozen: rank 0's own
     assert report["grads"][2] == (mean * np.arange(5) + 2).tolist()
+    assert report["gathered"] == [np.full((2 + i, 3), 10 * i + 1).tolist() for i in range(3)]
     assert "rank 1 has width = 0.25 where rank 0 has 0.125" in report["mismatch"]
     assert lines == ["rank 0 says hello"]
     assert report["ranks passing"] == dict.fromkeys(report["ranks passing"], size), report["ranks passing"]

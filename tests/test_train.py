@@ -167,6 +167,28 @@ def test_scores_do_not_depend_on_the_evaluation_batch(learned):
         assert other["per_class_iu"] == pytest.approx(scores[0]["per_class_iu"], abs=1e-4, nan_ok=True)
 
 
+def test_evaluate_keeps_the_predictions_it_scored_and_the_ranks_share_them(learned):
+    """keep=: the labels evaluate scored for those samples are a forward of each image alone; two shards
+    (batches of 3) each keep their own, and gather_predictions puts them together in index order."""
+    cfg, _, out, _ = learned
+    model, meta = load_model(out / "checkpoint.npz")
+    from minifcn.data import IMAGENET_MEAN_RGB, DataLoader  # noqa: PLC0415
+    from minifcn.distributed import SingleProcess  # noqa: PLC0415
+    from minifcn.train import evaluate, gather_predictions, predict_labels  # noqa: PLC0415
+
+    val = get_dataset("shapes", split="val", num_images=cfg.val_images, image_size=cfg.image_size, seed=cfg.seed)
+    kw = dict(mean=IMAGENET_MEAN_RGB, scale=cfg.input_scale)
+    direct = [predict_labels(model, x)[0] for _, (x, _) in zip(range(8), DataLoader(val, 1, **kw))]
+    kept = [evaluate(model, DataLoader(val, 3, num_shards=2, shard=r, **kw), meta["num_classes"], keep=range(8))["kept"]
+            for r in (0, 1)]
+    assert sorted(kept[0]) == [0, 1, 2, 6, 7] and sorted(kept[1]) == [3, 4, 5]
+    gathered = gather_predictions(SingleProcess(), {**kept[0], **kept[1]}, 8)
+    assert len(gathered) == 8
+    for mine, alone in zip(gathered, direct):
+        assert mine.dtype == np.int64 and np.array_equal(mine, alone)
+    assert "kept" not in evaluate(model, DataLoader(val, 3, **kw), meta["num_classes"])
+
+
 def test_one_epoch_on_each_device(tmp_path, device):
     """train(..., device=...) runs on the GPU as on the CPU: the model lives there, its checkpoint
     loads back on either device, and the scores are finite."""

@@ -71,14 +71,20 @@ class DataLoader:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, 1]).permutation(n)
 
-    def epoch(self, epoch: int):
-        """Iterator over the batches of epoch ``epoch``; depends only on (seed, epoch)."""
+    def batch_indices(self, epoch: int):
+        """The dataset indices of each batch :meth:`epoch` yields, in order (this shard's part of each global
+        batch). int64 arrays."""
         order = self.order(epoch)
         b, step = self.batch_size, self.batch_size * self.num_shards
         for start in range(0, len(self) * step, step):
             part = order[start:start + step][self.shard * b:(self.shard + 1) * b]
             if len(part):
-                yield self._batch(part, epoch)
+                yield part
+
+    def epoch(self, epoch: int):
+        """Iterator over the batches of epoch ``epoch``; depends only on (seed, epoch)."""
+        for part in self.batch_indices(epoch):
+            yield self._batch(part, epoch)
 
     def _sample(self, idx: int, epoch: int):
         image, label = self.dataset[int(idx)]
