@@ -65,7 +65,7 @@ from .backend import get_array_module, to_numpy
 from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientAverager, _pack, _unpack, \
     mismatch_message
 
-SLOT_BYTES = 16 << 20  # per rank and set; a sum of a larger array runs in chunks of this (the small FCN-8s's gradient in one)
+SLOT_BYTES = 16 << 20  # per rank and set; a larger sum runs in chunks of this (the small FCN-8s's gradient: one)
 SETS = 2               # sets of slots, used in turn (the module docstring says why two)
 SPIN_TRIES = 100       # RankBarrier: non-blocking tries (microseconds in all) before a rank sleeps on a semaphore
 ABORT_POLL_S = 0.1     # RankBarrier: how often a sleeping rank looks whether the barrier was aborted

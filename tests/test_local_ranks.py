@@ -136,7 +136,8 @@ def test_rank_barrier_lets_no_rank_pass_before_all_have_arrived(size, spin):
     import multiprocessing  # noqa: PLC0415
 
     context = multiprocessing.get_context("spawn")
-    barrier, arrived, report = local_ranks.RankBarrier(size, context, spin), context.RawArray("i", size), context.Queue()
+    barrier = local_ranks.RankBarrier(size, context, spin)
+    arrived, report = context.RawArray("i", size), context.Queue()
     processes = [context.Process(target=_barrier_rounds, args=(barrier, r, arrived, 400, report))
                  for r in range(size)]
     for process in processes:
