@@ -139,12 +139,17 @@ def cmd_eval(args):
     from .train import (TrainConfig, dataset_for_checkpoint, eval_batch_size, evaluate, load_model,  # noqa: PLC0415
                         strict_json)
 
+    comm = world()  # under mpiexec: each rank scores its shard, the confusion matrices are summed, rank 0 prints
+    comm.bind_device(args.device or "cpu")
     model, meta = load_model(args.checkpoint, args.device or "cpu")
     cfg = TrainConfig.from_dict(meta["config"])
     name, dataset = dataset_for_checkpoint(meta, args.dataset, args.data_dir, args.split, args.checkpoint)
     validate_dataset(dataset, meta["num_classes"])
-    loader = DataLoader(dataset, eval_batch_size(name), mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)
-    scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu")
+    loader = DataLoader(dataset, eval_batch_size(name), mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale,
+                        num_shards=comm.size, shard=comm.rank)
+    scores = evaluate(model, loader, meta["num_classes"], args.device or "cpu", comm)
+    if comm.rank > 0:
+        return 0
     if args.json:
         print(strict_json(scores))  # NaN (a class absent from the split) as null
     else:

@@ -491,6 +491,28 @@ def test_resume_under_mpi_continues_as_one_process_would(mpi, tmp_path):
 
 
 @pytest.mark.mpi
+def test_eval_under_mpi_scores_each_image_once_and_rank_0_prints(mpi, tmp_path):
+    """``mpiexec -n 2 minifcn eval``: the ranks score their shards of the 3 held-out images (2 + 1), rank 0
+    prints one JSON line, and the scores are the single process's."""
+    data = write_dataset(tmp_path / "data")
+    trained = subprocess.run(train_args(data, tmp_path / "run", "encoder-decoder", 2), cwd=ROOT,
+                             env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert trained.returncode == 0, trained.stderr
+    command = [sys.executable, "-m", "minifcn", "eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.npz"),
+               "--json"]
+    one = subprocess.run(command, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr
+    two, _ = mpi(command)
+    assert two.returncode == 0, two.stderr
+    lines = [line for line in two.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, two.stdout
+    a, b = json.loads(one.stdout), json.loads(lines[0])
+    for key in ("pixel_acc", "mean_acc", "mean_iu", "fwiu"):
+        assert nan_equal(a[key], b[key], 1e-12), key
+    assert all(nan_equal(x, y, 1e-12) for x, y in zip(a["per_class_iu"], b["per_class_iu"]))
+
+
+@pytest.mark.mpi
 def test_ranks_started_with_different_widths_are_refused_at_start_up(mpi, tmp_path):
     data = write_dataset(tmp_path / "data")
     narrow = train_args(data, tmp_path / "run", "encoder-decoder", 1)
