@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(machine_line())
     cases = [("multiprocessing.Barrier", "multiprocessing", None),
-             (f"RankBarrier (spin {local_ranks.SPIN_TRIES} tries, the default)", "rank", None),
+             (f"RankBarrier (spin {local_ranks.SPIN_TRIES} tries: the default, a core a rank)", "rank", None),
              ("RankBarrier, no spin (sleeps at once)", "rank", 0)]
     times = {name: [] for name, _, _ in cases}
     for _ in range(args.rounds):  # interleaved, round by round
