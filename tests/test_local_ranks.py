@@ -148,6 +148,18 @@ def test_rank_barrier_lets_no_rank_pass_before_all_have_arrived(size, spin):
     assert results == {r: 0 for r in range(size)}
 
 
+def _spin_tries(comm):
+    return comm._barrier.spin_tries
+
+
+def test_ranks_spin_in_the_barrier_only_with_a_core_each():
+    """run() gives the barrier its spin where every rank has a core of its own, and none with more ranks than
+    cores (a spinning rank would hold a core another rank needs)."""
+    cores = local_ranks.threads_per_rank(1)
+    assert local_ranks.run(min(2, cores), _spin_tries) == local_ranks.SPIN_TRIES
+    assert local_ranks.run(cores + 1, _spin_tries) == 0
+
+
 def _wait_alone(barrier, report):
     try:
         barrier.wait(0)
