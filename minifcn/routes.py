@@ -116,13 +116,18 @@ def select(op: str, *facts, skip: tuple = ()) -> Route:
     return routes(op)[-1]
 
 
+EARLIER = "found in earlier inputs"  # the key of a layer's memo that lasts across its calls (see run)
+
+
 def run(op: str, facts: tuple, *args, skip: tuple = (), memo: dict | None = None, **kwargs):
     """``select(op, *facts, skip=skip).fn(*args, **kwargs)``: what a layer calls.
 
     ``memo``: a dict a layer keeps from its forward to its backward. A data-dependent
     route gets it (``memo=``) to keep what it found out about the layer's input (the
     runs of repeated lines), so that the backward need not look again; other routes
-    never see it.
+    never see it. ``memo[EARLIER]``, where the layer puts one, is a dict the layer
+    keeps across calls: what the route found in earlier inputs, as hints it checks
+    against the data before using them (never trusted as they are).
     """
     chosen = select(op, *facts, skip=skip)
     if memo is not None and chosen.data_dependent:

@@ -14,8 +14,9 @@ import pytest
 
 from minifcn import route
 from minifcn.layers import Conv2d, conv_fast, line_runs
-from minifcn.layers.line_runs import (LineCut, expand_output, find_runs, plan_cuts, put_lines, sum_into_cut,
-                                      take_lines)
+from minifcn.layers.line_runs import (LineCut, cut_map, expand_output, find_runs, plan_cuts, put_lines,
+                                      sum_into_cut, take_lines)
+from minifcn.routes import EARLIER
 
 
 def repeated(rng, shape, row_counts, col_counts):
@@ -107,9 +108,9 @@ def test_the_weight_gradient_reads_the_runs_its_forward_found(monkeypatch):
     x = repeated(rng, (2, 4), [30, 1, 2, 40], [25, 3, 1, 30])
     searches = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         searches.append(args[0].shape)
-        return plan_cuts(*args)
+        return plan_cuts(*args, **kwargs)
 
     monkeypatch.setattr(conv_fast, "plan_cuts", counted)
     layer = Conv2d(4, 3, 3, padding=1, dtype=np.float64, rng=0)
@@ -206,4 +207,49 @@ def test_both_gradients_sum_dy_onto_the_cut_once(monkeypatch):
         y = layer(x)
         layer.backward(rng.standard_normal(y.shape))
     assert len(sums) == 1
-    assert all(len(key) > 2 for key in layer._cache[2]), list(layer._cache[2])  # only the forward's plan
+    kept = [key for key in layer._cache[2] if key != EARLIER]
+    assert kept and all(len(key) > 2 for key in kept), kept  # only the forward's plan (and the hints)
+
+
+def test_a_hint_is_taken_where_its_runs_hold_and_only_there():
+    """plan_cuts with the cuts of an earlier input: the same cuts where each of their runs holds in x
+    (no search), a search where one does not (a line changed in an image and channel no probe reads),
+    and no use at all for another shape."""
+    rng = np.random.default_rng(10)
+    x = repeated(rng, (2, 5), [30, 1, 2, 40], [25, 3, 1, 30])
+    searched = plan_cuts(x, (3, 3), (1, 1), (1, 1), 4)
+    x2 = repeated(rng, (2, 5), [30, 1, 2, 40], [25, 3, 1, 30])     # new values, the same runs
+    cuts, cut_x = plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])
+    assert cuts is searched[0]
+    np.testing.assert_array_equal(cut_x, plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4)[1])
+    x2[1, 3, 50, 7] += 1.0                              # row 50 no longer repeats row 33, nor column 7 column 6
+    assert cut_map(x2, searched[0]) is None
+    cuts, cut_x = plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])
+    assert cuts[0].runs == ((0, 30), (33, 50), (51, 73)) and cuts[1].runs == ((0, 7), (8, 25), (29, 59))
+    np.testing.assert_array_equal(cut_x, plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4)[1])
+    other = repeated(rng, (2, 5), [20, 1, 2, 40], [25, 3, 1, 30])   # 63 rows, not 73: the hint is not for it
+    assert plan_cuts(other, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])[0][0].runs == ((0, 20), (23, 63))
+
+
+def test_a_layer_checks_its_last_inputs_runs_instead_of_searching(monkeypatch):
+    """Conv2d's second forward on an input of the same shape checks the runs of the first (no search for
+    candidates) and is exact; where one of them broke, it searches and is exact again."""
+    rng = np.random.default_rng(11)
+    layer = Conv2d(4, 3, 3, padding=1, dtype=np.float64, rng=0)
+    searches = []
+    monkeypatch.setattr(line_runs, "find_runs", lambda *a, _f=line_runs.find_runs: searches.append(1) or _f(*a))
+    inputs = [repeated(rng, (2, 4), [30, 1, 2, 40], [25, 3, 1, 30]) for _ in range(3)]
+    inputs[2][1, 1, 40, :] += 1.0                                    # breaks a row run of the first two
+    for k, (x, searched) in enumerate(zip(inputs, (True, False, True))):
+        searches.clear()
+        with route("fast"):
+            got = layer(x)
+            layer.backward(np.ones_like(got))
+        assert bool(searches) == searched, k
+        with route("textbook"):
+            want = layer(x)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for side in range(60, 72):                                       # hints of a few shapes only
+        with route("fast"):
+            layer(repeated(rng, (1, 4), [side - 10, 10], [20, 30]))
+    assert 1 <= len(layer._earlier_inputs) <= conv_fast.RUNS_HINTS_KEPT

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..module import Module, Parameter
-from ..routes import register, run
+from ..routes import EARLIER, register, run
 from ._checks import (SavedInput, check_accumulate, check_grad, check_kernel_fits, check_nchw,
                       check_positive_output, check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
@@ -108,6 +108,7 @@ class Conv2d(_Convolution):
                          rng, (int(out_channels), int(in_channels)))
         self.input_grad = True
         self.input_grad_up_to_runs = False
+        self._earlier_inputs = {}  # the fast routes' hints from earlier inputs (routes.EARLIER)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_channels) + tuple(
@@ -127,7 +128,9 @@ class Conv2d(_Convolution):
         check_same_dtype(x, self.weight.data, "Conv2d")
         check_kernel_fits(x.shape, self.kernel_size, self.padding, self.dilation, "Conv2d")
         bias = None if self.bias is None else self.bias.data
-        memo = {}  # what a data-dependent route found out about x (its runs of repeated lines), for backward
+        # what a data-dependent route found out about x (its runs of repeated lines), for backward,
+        # and what it found in earlier inputs (hints it checks against x)
+        memo = {EARLIER: self._earlier_inputs}
         y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias, memo=memo)
         self._cache = (SavedInput(x), y.shape, memo)  # the input (checked unchanged in backward), not its columns
         return y

@@ -43,10 +43,10 @@ from __future__ import annotations
 
 from ..backend import get_array_module
 from ..parallel import run_bands, workers_for
-from ..routes import register, run
+from ..routes import EARLIER, register, run
 from ._checks import check_accumulate
 from .columns import Unfolding, conv_output_size, workspace
-from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
+from .line_runs import common_cuts, expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
 
@@ -185,16 +185,31 @@ def _plan_key(u):
     return (_RUNS, u.x_shape, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, RUNS_MAX_FRACTION)
 
 
+RUNS_HINTS_KEPT = 8  # a layer keeps the cuts of its inputs of at most this many shapes (the latest)
+
+
 def _cuts_worth_it(x, u, memo=None):
     """(cuts, cut map) of x, or None where they would not save enough. With a layer's ``memo``, the
-    forward's answer is kept there and the weight gradient of the same input reads it back."""
+    forward's answer is kept there and the weight gradient of the same input reads it back; the cuts
+    that paid are also kept in ``memo[EARLIER]`` (if the layer keeps one), the hint for its next
+    input of this shape (:func:`~minifcn.layers.line_runs.plan_cuts` checks it against the data;
+    where it failed, the next hint is what both inputs repeat)."""
     key = _plan_key(u)
     if memo is not None and key in memo:
         return memo[key]
-    cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED)
+    earlier = None if memo is None else memo.get(EARLIER)
+    hint = None if earlier is None else earlier.pop(key, None)
+    cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, hint=hint)
     planned = (cuts, cut_x) if saved_fraction(cuts) <= RUNS_MAX_FRACTION else None
     if memo is not None:
         memo[key] = planned
+    if earlier is not None and planned is not None:
+        # the next hint: these cuts, or where the hint failed, the lines both inputs repeat
+        kept = cuts if hint is None or cuts is hint else common_cuts(hint, cuts, RUNS_LEAST_SAVED)
+        if saved_fraction(kept) <= RUNS_MAX_FRACTION:
+            earlier[key] = kept                  # now the latest shape
+        while len(earlier) > RUNS_HINTS_KEPT:
+            earlier.pop(next(iter(earlier)))     # the shape seen longest ago
     return planned
 
 

@@ -27,6 +27,14 @@ parameter gradient below comes out exact. A layer takes such a dx only when it
 is told so (``Conv2d.input_grad_up_to_runs``; FCN sets it while its input
 gradient is off, ``model.input_grad = False``); an input gradient wanted for
 itself (a gradient check, a saliency map) is always the exact one.
+
+**Hints.** FCN's runs come from its padding, so a layer's input has nearly the
+same runs step after step (their ends move by a line or two, with the rings at
+the map's border). :func:`plan_cuts` takes the cuts of earlier inputs of the
+same shape as a hint and checks each of its runs against the new input (one
+exact comparison per run) instead of searching for candidates again; where one
+fails, it searches, and the next hint is the lines both inputs repeat
+(:func:`common_cuts`).
 """
 from __future__ import annotations
 
@@ -71,13 +79,18 @@ def find_runs(x, axis, least):
         return []
     runs = []
     for a, b in _runs_of_true(same, least):
-        block = _lines(x, axis, a, b)
-        if bool((block == _lines(x, axis, a, a + 1)).all()):   # the usual case: one whole comparison
+        if run_holds(x, axis, a, b):                            # the usual case: one whole comparison
             runs.append((a, b))
             continue
+        block = _lines(x, axis, a, b)
         exact = to_numpy(_all_but(_lines(block, axis, 1, b - a) == _lines(block, axis, 0, b - a - 1), axis))
         runs.extend((a + s, a + t) for s, t in _runs_of_true(exact, least))
     return runs
+
+
+def run_holds(x, axis, a, b):
+    """Lines a..b-1 of x (N, C, H, W) along ``axis`` all equal line a, exactly, in every image and channel."""
+    return bool((_lines(x, axis, a, b) == _lines(x, axis, a, a + 1)).all())
 
 
 @dataclass(frozen=True)
@@ -139,10 +152,21 @@ class LineCut:
         return self.out_size - sum(b - a - self.span for a, b in self.runs)
 
 
-def plan_cuts(x, kernel, padding, dilation, least_saved):
+def plan_cuts(x, kernel, padding, dilation, least_saved, hint=None):
     """((row cut, column cut), the cut map) of x for a stride-1 convolution, cutting the runs that save
     at least ``least_saved`` lines each: rows first, then columns of the row-cut map (they are the
-    column runs of x too, since every line it dropped repeats one it kept)."""
+    column runs of x too, since every line it dropped repeats one it kept).
+
+    ``hint``: cuts planned the same way for an earlier input of x's shape (a layer's previous forward;
+    FCN's runs come from its padding, so they are the same step after step). Where every run they
+    name holds in x as well (:func:`cut_map`: one exact comparison per run), they are x's cuts,
+    without the search for candidates; where one does not, x is searched as without a hint. Either
+    way every cut run is one of identical lines in x.
+    """
+    if hint is not None and tuple(cut.size for cut in hint) == tuple(x.shape[2:]):
+        cut_x = cut_map(x, hint)
+        if cut_x is not None:
+            return hint, cut_x
     cuts, cut_x = [], x
     for axis, k, p, d in zip((2, 3), kernel, padding, dilation):
         span = d * (k - 1) + 1
@@ -151,6 +175,30 @@ def plan_cuts(x, kernel, padding, dilation, least_saved):
             cut_x = take_lines(cut_x, axis, cut)
         cuts.append(cut)
     return tuple(cuts), cut_x
+
+
+def cut_map(x, cuts):
+    """x with the runs of ``cuts`` cut (rows, then columns of the row-cut map), or None where one of
+    those runs is not a run of identical lines in x."""
+    cut_x = x
+    for axis, cut in zip((2, 3), cuts):
+        if not all(run_holds(cut_x, axis, a, b) for a, b in cut.runs):
+            return None
+        if cut.runs:
+            cut_x = take_lines(cut_x, axis, cut)
+    return cut_x
+
+
+def common_cuts(a, b, least_saved):
+    """The cuts of the lines both ``a`` and ``b`` (cuts of two inputs of one shape) repeat: along each
+    axis the intersections of their runs, those that still save at least ``least_saved`` lines. A
+    hint for inputs whose runs move by a line or two at their ends (the rings at a map's border)."""
+    cuts = []
+    for cut_a, cut_b in zip(a, b):
+        runs = tuple((max(p, r), min(q, t)) for p, q in cut_a.runs for r, t in cut_b.runs
+                     if min(q, t) - max(p, r) >= cut_a.span + least_saved)
+        cuts.append(LineCut(runs, cut_a.span, cut_a.padding, cut_a.size))
+    return tuple(cuts)
 
 
 def take_lines(x, axis, cut):
@@ -173,13 +221,20 @@ def put_lines(x_cut, cuts, shape):
 
 
 def expand_output(y_cut, cuts):
-    """The full convolution's output from the cut one: each run's inner output line repeated."""
+    """The full convolution's output from the cut one: each run's inner output line repeated.
+
+    Columns first, on the cut rows only, then whole rows (each a contiguous copy, one source row
+    repeated down a run): the full map is written once, and never with a repeated single column
+    as the innermost loop.
+    """
     xp = get_array_module(y_cut)
     rows, cols = (cut.segments for cut in cuts)
+    wide = xp.empty((*y_cut.shape[:3], cuts[1].out_size), dtype=y_cut.dtype)
+    for c0, c1, t0, t1 in cols:
+        wide[:, :, :, c0:c1] = y_cut[:, :, :, t0:t1]                # a (..., 1) source is broadcast
     y = xp.empty((*y_cut.shape[:2], cuts[0].out_size, cuts[1].out_size), dtype=y_cut.dtype)
     for r0, r1, s0, s1 in rows:
-        for c0, c1, t0, t1 in cols:
-            y[:, :, r0:r1, c0:c1] = y_cut[:, :, s0:s1, t0:t1]      # a (1, ...) source is broadcast
+        y[:, :, r0:r1] = wide[:, :, s0:s1]                          # a (1, ...) row is broadcast
     return y
 
 
