@@ -46,7 +46,7 @@ from ..parallel import run_bands, workers_for
 from ..routes import EARLIER, register, run
 from ._checks import check_accumulate
 from .columns import Unfolding, conv_output_size, workspace
-from .line_runs import common_cuts, expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
+from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
 
@@ -192,8 +192,7 @@ def _cuts_worth_it(x, u, memo=None):
     """(cuts, cut map) of x, or None where they would not save enough. With a layer's ``memo``, the
     forward's answer is kept there and the weight gradient of the same input reads it back; the cuts
     that paid are also kept in ``memo[EARLIER]`` (if the layer keeps one), the hint for its next
-    input of this shape (:func:`~minifcn.layers.line_runs.plan_cuts` checks it against the data;
-    where it failed, the next hint is what both inputs repeat)."""
+    input of this shape (:func:`~minifcn.layers.line_runs.plan_cuts` checks it against the data)."""
     key = _plan_key(u)
     if memo is not None and key in memo:
         return memo[key]
@@ -204,10 +203,7 @@ def _cuts_worth_it(x, u, memo=None):
     if memo is not None:
         memo[key] = planned
     if earlier is not None and planned is not None:
-        # the next hint: these cuts, or where the hint failed, the lines both inputs repeat
-        kept = cuts if hint is None or cuts is hint else common_cuts(hint, cuts, RUNS_LEAST_SAVED)
-        if saved_fraction(kept) <= RUNS_MAX_FRACTION:
-            earlier[key] = kept                  # now the latest shape
+        earlier[key] = cuts                      # now the latest shape
         while len(earlier) > RUNS_HINTS_KEPT:
             earlier.pop(next(iter(earlier)))     # the shape seen longest ago
     return planned

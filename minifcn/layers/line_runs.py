@@ -28,13 +28,14 @@ is told so (``Conv2d.input_grad_up_to_runs``; FCN sets it while its input
 gradient is off, ``model.input_grad = False``); an input gradient wanted for
 itself (a gradient check, a saliency map) is always the exact one.
 
-**Hints.** FCN's runs come from its padding, so a layer's input has nearly the
-same runs step after step (their ends move by a line or two, with the rings at
-the map's border). :func:`plan_cuts` takes the cuts of earlier inputs of the
-same shape as a hint and checks each of its runs against the new input (one
-exact comparison per run) instead of searching for candidates again; where one
-fails, it searches, and the next hint is the lines both inputs repeat
-(:func:`common_cuts`).
+**Hints.** FCN's runs come from its padding, so a layer's input has the same
+runs step after step, but for the first steps of training (while the rings at
+the map's border settle). :func:`plan_cuts` takes the cuts of the layer's last
+input of the same shape as a hint and checks that each of its runs is a whole
+run of the new input (exact comparisons) instead of searching for candidates
+again; where one is not, it searches. Cuts of other sizes would give other
+float roundings (the weight gradient sums its bands in another order), so a
+hint is taken only where it is what the search would find.
 """
 from __future__ import annotations
 
@@ -159,9 +160,10 @@ def plan_cuts(x, kernel, padding, dilation, least_saved, hint=None):
 
     ``hint``: cuts planned the same way for an earlier input of x's shape (a layer's previous forward;
     FCN's runs come from its padding, so they are the same step after step). Where every run they
-    name holds in x as well (:func:`cut_map`: one exact comparison per run), they are x's cuts,
-    without the search for candidates; where one does not, x is searched as without a hint. Either
-    way every cut run is one of identical lines in x.
+    name is a whole run of x as well (:func:`cut_map`: its lines equal, exactly, and the lines on
+    either side not), they are x's cuts, without the search for candidates; where one is not, x is
+    searched as without a hint. So the cuts are the search's, unless x has a run elsewhere that the
+    hint does not name (its lines are then computed in full); every cut run is one of identical lines.
     """
     if hint is not None and tuple(cut.size for cut in hint) == tuple(x.shape[2:]):
         cut_x = cut_map(x, hint)
@@ -177,28 +179,22 @@ def plan_cuts(x, kernel, padding, dilation, least_saved, hint=None):
     return tuple(cuts), cut_x
 
 
+def whole_run(x, axis, a, b):
+    """Lines a..b-1 of x are a run of identical lines that neither neighbouring line extends."""
+    return (run_holds(x, axis, a, b) and (a == 0 or not run_holds(x, axis, a - 1, a + 1))
+            and (b == x.shape[axis] or not run_holds(x, axis, b - 1, b + 1)))
+
+
 def cut_map(x, cuts):
     """x with the runs of ``cuts`` cut (rows, then columns of the row-cut map), or None where one of
-    those runs is not a run of identical lines in x."""
+    those runs is not a whole run of identical lines in x (:func:`whole_run`)."""
     cut_x = x
     for axis, cut in zip((2, 3), cuts):
-        if not all(run_holds(cut_x, axis, a, b) for a, b in cut.runs):
+        if not all(whole_run(cut_x, axis, a, b) for a, b in cut.runs):
             return None
         if cut.runs:
             cut_x = take_lines(cut_x, axis, cut)
     return cut_x
-
-
-def common_cuts(a, b, least_saved):
-    """The cuts of the lines both ``a`` and ``b`` (cuts of two inputs of one shape) repeat: along each
-    axis the intersections of their runs, those that still save at least ``least_saved`` lines. A
-    hint for inputs whose runs move by a line or two at their ends (the rings at a map's border)."""
-    cuts = []
-    for cut_a, cut_b in zip(a, b):
-        runs = tuple((max(p, r), min(q, t)) for p, q in cut_a.runs for r, t in cut_b.runs
-                     if min(q, t) - max(p, r) >= cut_a.span + least_saved)
-        cuts.append(LineCut(runs, cut_a.span, cut_a.padding, cut_a.size))
-    return tuple(cuts)
 
 
 def take_lines(x, axis, cut):
