@@ -211,10 +211,10 @@ def test_both_gradients_sum_dy_onto_the_cut_once(monkeypatch):
     assert kept and all(len(key) > 2 for key in kept), kept  # only the forward's plan (and the hints)
 
 
-def test_a_hint_is_taken_where_its_runs_hold_and_only_there():
-    """plan_cuts with the cuts of an earlier input: the same cuts where each of their runs holds in x
-    (no search), a search where one does not (a line changed in an image and channel no probe reads),
-    and no use at all for another shape."""
+def test_a_hint_is_taken_where_its_runs_are_whole_runs_of_the_input_and_only_there():
+    """plan_cuts with the cuts of an earlier input: the same cuts where each of their runs is a whole run
+    of x (no search), a search where one is not (a line changed in an image and channel no probe reads;
+    a run grown by a line: the search's cuts, not the hint's), and no use at all for another shape."""
     rng = np.random.default_rng(10)
     x = repeated(rng, (2, 5), [30, 1, 2, 40], [25, 3, 1, 30])
     searched = plan_cuts(x, (3, 3), (1, 1), (1, 1), 4)
@@ -227,6 +227,13 @@ def test_a_hint_is_taken_where_its_runs_hold_and_only_there():
     cuts, cut_x = plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])
     assert cuts[0].runs == ((0, 30), (33, 50), (51, 73)) and cuts[1].runs == ((0, 7), (8, 25), (29, 59))
     np.testing.assert_array_equal(cut_x, plan_cuts(x2, (3, 3), (1, 1), (1, 1), 4)[1])
+    longer = repeated(rng, (2, 5), [31, 1, 1, 40], [25, 3, 1, 30])  # the first run now one row longer
+    cuts, _ = plan_cuts(longer, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])
+    assert cuts[0].runs == ((0, 31), (33, 73)) == plan_cuts(longer, (3, 3), (1, 1), (1, 1), 4)[0][0].runs
+    base = repeated(rng, (2, 5), [3, 30, 2, 38], [25, 3, 1, 30])
+    earlier = repeated(rng, (2, 5), [2, 31, 2, 38], [25, 3, 1, 30])  # a run that starts a row earlier
+    cuts, _ = plan_cuts(earlier, (3, 3), (1, 1), (1, 1), 4, hint=plan_cuts(base, (3, 3), (1, 1), (1, 1), 4)[0])
+    assert cuts[0].runs == ((2, 33), (35, 73))
     other = repeated(rng, (2, 5), [20, 1, 2, 40], [25, 3, 1, 30])   # 63 rows, not 73: the hint is not for it
     assert plan_cuts(other, (3, 3), (1, 1), (1, 1), 4, hint=searched[0])[0][0].runs == ((0, 20), (23, 63))
 
