@@ -181,25 +181,32 @@ def cmd_predict(args):
     from .train import TrainConfig, load_model, predict_labels  # noqa: PLC0415
     from .viz import TILE, overlay, prediction_grid, save_png  # noqa: PLC0415
 
+    # under mpiexec: rank r predicts inputs r, r + N, r + 2N, ...; rank 0 prints every line, in input order
+    comm = world()
     device = args.device or "cpu"
+    comm.bind_device(device)
     model, meta = load_model(args.checkpoint, device)
     bad = []
-    for path in args.images:  # every input checked before anything is written
+    for path in args.images:  # every input checked before anything is written (on every rank: one answer)
         try:
             read_image(path)
         except DatasetError as exc:
             bad.append(str(exc))
     if bad:
-        for line in bad:
+        for line in bad if comm.rank == 0 else ():
             print(f"error: {line}", file=sys.stderr)
-        print(f"error: {len(bad)} of {len(args.images)} images cannot be read; nothing was written", file=sys.stderr)
+        if comm.rank == 0:
+            print(f"error: {len(bad)} of {len(args.images)} images cannot be read; nothing was written",
+                  file=sys.stderr)
         return 2
     cfg = TrainConfig.from_dict(meta["config"])
     names = list(meta.get("class_names") or [str(c) for c in range(meta["num_classes"])])
     model.eval()
     os.makedirs(args.out, exist_ok=True)
     targets = output_names(args.images, "_overlay.png" if args.overlay_only else "_prediction.png")
-    for path, name in zip(args.images, targets):
+    lines = []  # (input index, line) of this rank's inputs, printed by rank 0 once all are done
+    for i in range(comm.rank, len(args.images), comm.size):
+        path, name = args.images[i], targets[i]
         image = read_image(path)
         x = to_tensor(image, mean=IMAGENET_MEAN_RGB, bgr=cfg.bgr, scale=cfg.input_scale)[None]
         pred = to_numpy(predict_labels(model, to_device(np.ascontiguousarray(x), device)))[0]
@@ -210,7 +217,15 @@ def cmd_predict(args):
             prediction_grid([image], None, [pred], target, class_names=names,
                             scale=1 if max(image.shape[:2]) >= TILE else None)
         present = sorted(set(np.unique(pred).tolist()) - {0})
-        print(f"{path} -> {target}  classes: {', '.join(names[c] if c < len(names) else str(c) for c in present) or 'none'}")
+        line = f"{path} -> {target}  classes: {', '.join(names[c] if c < len(names) else str(c) for c in present) or 'none'}"
+        if comm.size == 1:
+            print(line)  # as each image is done
+        else:
+            lines.append((i, line))
+    if comm.size > 1:
+        gathered = comm.gather_objects(lines)
+        for _, line in sorted(line for rank_lines in gathered or () for line in rank_lines):
+            print(line)
     return 0
 
 

@@ -19,7 +19,7 @@ gets:
   ``pip install 'minifcn[mpi]'``; importing minifcn never needs it.
 
 Both have the same methods: ``rank``, ``size``, :meth:`broadcast_arrays`,
-:meth:`broadcast_object`, :meth:`allreduce_sum`, :meth:`gradient_averager`,
+:meth:`broadcast_object`, :meth:`gather_objects`, :meth:`allreduce_sum`, :meth:`gradient_averager`,
 :meth:`check_same`, :meth:`barrier`, :meth:`abort`, :meth:`bind_device`.
 
 Gradient averaging, two named routes (:data:`GRADIENT_ROUTES`):
@@ -298,8 +298,16 @@ class SingleProcess:
         """A callable that averages the gradients of the trainable ``params`` over the ranks."""
         return _NoAverage()
 
+    def gather_objects(self, value):
+        """Every rank's ``value`` (picklable), in rank order, on rank 0; None on the others."""
+        return [value]
+
     def check_same(self, description: dict, what: str = "launch") -> None:
         """Raise :class:`LaunchMismatch` on every rank unless all ranks have the same ``description``."""
+        descriptions = self.gather_objects(description)
+        message = self.broadcast_object(mismatch_message(descriptions, what) if self.rank == 0 else None)
+        if message:
+            raise LaunchMismatch(message)
 
     def barrier(self) -> None:
         """Wait until every rank is here."""
@@ -386,12 +394,8 @@ class MPICommunicator(SingleProcess):
     def gradient_averager(self, params, route: str = "buckets", bucket_bytes: int = BUCKET_BYTES):
         return _GradientAverager(self, params, route, bucket_bytes)
 
-    def check_same(self, description: dict, what: str = "launch") -> None:
-        descriptions = self.comm.gather(description, root=0)
-        message = mismatch_message(descriptions, what) if self.rank == 0 else None
-        message = self.comm.bcast(message, root=0)
-        if message:
-            raise LaunchMismatch(message)
+    def gather_objects(self, value):
+        return self.comm.gather(value, root=0)
 
     def barrier(self) -> None:
         self.comm.Barrier()

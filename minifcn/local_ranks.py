@@ -62,8 +62,7 @@ from multiprocessing import connection, shared_memory
 import numpy as np
 
 from .backend import get_array_module, to_numpy
-from .distributed import BUCKET_BYTES, LaunchMismatch, SingleProcess, _GradientAverager, _pack, _unpack, \
-    mismatch_message
+from .distributed import BUCKET_BYTES, SingleProcess, _GradientAverager, _pack, _unpack
 
 SLOT_BYTES = 16 << 20  # per rank and set; a larger sum runs in chunks of this (the small FCN-8s's gradient: one)
 SETS = 2               # sets of slots, used in turn (the module docstring says why two)
@@ -217,17 +216,11 @@ class SharedMemoryCommunicator(SingleProcess):
             return value
         return self._pipes[0].recv()
 
-    def check_same(self, description: dict, what: str = "launch") -> None:
+    def gather_objects(self, value):
         if self.rank == 0:
-            descriptions = [description] + [pipe.recv() for pipe in self._pipes]
-            message = mismatch_message(descriptions, what)
-            for pipe in self._pipes:
-                pipe.send(message)
-        else:
-            self._pipes[0].send(description)
-            message = self._pipes[0].recv()
-        if message:
-            raise LaunchMismatch(message)
+            return [value] + [pipe.recv() for pipe in self._pipes]
+        self._pipes[0].send(value)
+        return None
 
     def barrier(self) -> None:
         self._wait()

@@ -152,6 +152,51 @@ def test_predict_never_overwrites_an_output_of_the_same_call(run, tmp_path, caps
         assert np.asarray(im)[0, 0].tolist() == [60, 60, 60]
 
 
+class _RankOfTwo:
+    """A stand-in communicator: rank ``rank`` of 2, rank 1's lines as given (for gather_objects)."""
+
+    size, local_rank, local_size = 2, 0, 1
+
+    def __init__(self, rank, others=()):
+        self.rank, self.others, self.gathered = rank, list(others), None
+
+    def bind_device(self, device):
+        pass
+
+    def gather_objects(self, value):
+        self.gathered = value
+        return [value, self.others] if self.rank == 0 else None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_predict_under_mpi_each_rank_writes_its_share_and_rank_0_prints_all(run, tmp_path, capsys, monkeypatch,
+                                                                           rank):
+    """Rank r of 2 predicts inputs r, r + 2, ... (and writes only theirs); rank 0 prints every rank's lines
+    in input order, the others print nothing."""
+    import minifcn.cli as cli  # noqa: PLC0415
+
+    out, _ = run
+    paths = []
+    for k in range(5):
+        path = tmp_path / f"in{k}.png"
+        Image.fromarray(np.full((20, 24, 3), 40 * k, np.uint8)).save(path)
+        paths.append(str(path))
+    comm = _RankOfTwo(rank, others=[(3, "rank 1: in3"), (1, "rank 1: in1")])
+    monkeypatch.setattr(cli, "world", lambda: comm)
+    dest = tmp_path / "p"
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.npz"), *paths, "--out", str(dest),
+                 "--overlay-only"]) == 0
+    mine = [k for k in range(5) if k % 2 == rank]
+    assert sorted(os.listdir(dest)) == [f"in{k}_overlay.png" for k in mine]
+    assert [i for i, _ in comm.gathered] == mine
+    printed = capsys.readouterr().out.splitlines()
+    if rank == 1:
+        assert printed == []
+    else:
+        assert [line.split(" ->")[0].split(": ")[-1] for line in printed] == [
+            paths[0], "in1", paths[2], "in3", paths[4]]
+
+
 def test_predict_checks_every_input_first(run, tmp_path, photo, capsys):
     """An unreadable file and a missing one among good ones: exit 2, each bad file named, nothing written
     (not even the output folder)."""

@@ -513,6 +513,30 @@ def test_eval_under_mpi_scores_each_image_once_and_rank_0_prints(mpi, tmp_path):
 
 
 @pytest.mark.mpi
+def test_predict_under_mpi_writes_each_image_once_and_rank_0_prints_in_order(mpi, tmp_path):
+    """``mpiexec -n 2 minifcn predict`` on 3 images: one line per image, in input order, and the files of
+    a single process, pixel for pixel."""
+    data = write_dataset(tmp_path / "data")
+    trained = subprocess.run(train_args(data, tmp_path / "run", "encoder-decoder", 2), cwd=ROOT,
+                             env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert trained.returncode == 0, trained.stderr
+    images = [str(p) for p in sorted((data / "val" / "images").iterdir())]
+    outputs = {}
+    for label in ("one", "two"):
+        command = [sys.executable, "-m", "minifcn", "predict", "--checkpoint",
+                   str(tmp_path / "run" / "checkpoint.npz"), "--out", str(tmp_path / label), *images]
+        done = (subprocess.run(command, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True,
+                               timeout=240) if label == "one" else mpi(command)[0])
+        assert done.returncode == 0, done.stderr
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        assert [line.split(" -> ")[0] for line in lines] == images, done.stdout
+        outputs[label] = {name: np.asarray(Image.open(tmp_path / label / name))
+                          for name in sorted(os.listdir(tmp_path / label))}
+    assert list(outputs["one"]) == list(outputs["two"]) and len(outputs["one"]) == 3
+    assert all(np.array_equal(outputs["one"][k], outputs["two"][k]) for k in outputs["one"])
+
+
+@pytest.mark.mpi
 def test_ranks_started_with_different_widths_are_refused_at_start_up(mpi, tmp_path):
     data = write_dataset(tmp_path / "data")
     narrow = train_args(data, tmp_path / "run", "encoder-decoder", 1)
