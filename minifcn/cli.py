@@ -217,7 +217,8 @@ def cmd_predict(args):
             prediction_grid([image], None, [pred], target, class_names=names,
                             scale=1 if max(image.shape[:2]) >= TILE else None)
         present = sorted(set(np.unique(pred).tolist()) - {0})
-        line = f"{path} -> {target}  classes: {', '.join(names[c] if c < len(names) else str(c) for c in present) or 'none'}"
+        classes = ", ".join(names[c] if c < len(names) else str(c) for c in present) or "none"
+        line = f"{path} -> {target}  classes: {classes}"
         if comm.size == 1:
             print(line)  # as each image is done
         else:

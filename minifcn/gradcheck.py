@@ -128,7 +128,9 @@ class _Objective:
 
     def output(self):
         out = self._forward()
-        return tuple(o.copy() for o in out) if isinstance(out, tuple) else (out if isinstance(out, float) else out.copy())
+        if isinstance(out, tuple):
+            return tuple(o.copy() for o in out)
+        return out if isinstance(out, float) else out.copy()
 
     def central_difference(self, set_plus, set_minus, restore, eps) -> float:
         """``(L(t+) - L(t-)) / 2eps``, subtracting outputs element-wise *before* the
@@ -278,11 +280,16 @@ def layer_suite(seed: int = 0):
     labels[0, 0, :2] = 255
     cases = [
         ("Conv2d", "3->4, k3, s1, p1", lambda: (L.Conv2d(3, 4, 3, padding=1), (images(2, 3, 6, 5),))),
-        ("Conv2d", "2->3, k(3,2), s2, p(1,0), d2", lambda: (L.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0), dilation=2), (images(2, 2, 9, 6),))),
+        ("Conv2d", "2->3, k(3,2), s2, p(1,0), d2",
+         lambda: (L.Conv2d(2, 3, (3, 2), stride=2, padding=(1, 0), dilation=2), (images(2, 2, 9, 6),))),
         ("Conv2d", "4->2, k1, no bias", lambda: (L.Conv2d(4, 2, 1, bias=False), (images(1, 4, 3, 5),))),
-        ("ConvTranspose2d", "3->2, k4, s2, p1", lambda: (L.ConvTranspose2d(3, 2, 4, stride=2, padding=1), (images(2, 3, 4, 3),))),
-        ("ConvTranspose2d", "2->3, k(3,2), s(2,3), op(1,2), d2", lambda: (L.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), output_padding=(1, 2), dilation=2), (images(1, 2, 3, 4),))),
-        ("ConvTranspose2d", "1->1, k16, s8, bilinear", lambda: (L.ConvTranspose2d(1, 1, 16, stride=8, bias=False), (images(1, 1, 2, 3),))),
+        ("ConvTranspose2d", "3->2, k4, s2, p1",
+         lambda: (L.ConvTranspose2d(3, 2, 4, stride=2, padding=1), (images(2, 3, 4, 3),))),
+        ("ConvTranspose2d", "2->3, k(3,2), s(2,3), op(1,2), d2",
+         lambda: (L.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), output_padding=(1, 2), dilation=2),
+                  (images(1, 2, 3, 4),))),
+        ("ConvTranspose2d", "1->1, k16, s8, bilinear",
+         lambda: (L.ConvTranspose2d(1, 1, 16, stride=8, bias=False), (images(1, 1, 2, 3),))),
         ("MaxPool2d", "k2, s2, ceil", lambda: (L.MaxPool2d(2, ceil_mode=True), (images(2, 2, 5, 7),))),
         ("MaxPool2d", "k3, s2, p1", lambda: (L.MaxPool2d(3, 2, padding=1), (images(1, 3, 6, 6),))),
         ("Upsample", "nearest x2", lambda: (L.Upsample(2, "nearest"), (images(2, 2, 3, 4),))),
@@ -294,8 +301,10 @@ def layer_suite(seed: int = 0):
         ("Concat", "3+2 channels", lambda: (L.Concat(), (images(2, 3, 4, 5), images(2, 2, 4, 5)))),
         ("Scale", "0.01", lambda: (L.Scale(0.01), (images(2, 3, 4, 5),))),
         ("SoftmaxCrossEntropy", "mean, ignore 255", lambda: (L.SoftmaxCrossEntropy(), (images(2, 4, 5, 6), labels))),
-        ("SoftmaxCrossEntropy", "sum, class weights", lambda: (L.SoftmaxCrossEntropy(reduction="sum", class_weight=[1, 2, 0.5, 1]), (images(2, 4, 5, 6), labels))),
-        ("SigmoidBinaryCrossEntropy", "mean", lambda: (L.SigmoidBinaryCrossEntropy(), (images(2, 1, 5, 6), labels % 2))),
+        ("SoftmaxCrossEntropy", "sum, class weights",
+         lambda: (L.SoftmaxCrossEntropy(reduction="sum", class_weight=[1, 2, 0.5, 1]), (images(2, 4, 5, 6), labels))),
+        ("SigmoidBinaryCrossEntropy", "mean",
+         lambda: (L.SigmoidBinaryCrossEntropy(), (images(2, 1, 5, 6), labels % 2))),
     ]
     return cases
 
