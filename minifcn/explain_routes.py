@@ -82,7 +82,7 @@ def _conv_call(operation, route, facts, dtype, rng, x=None, memo=None):
     if operation == "conv_forward":
         return lambda: route.fn(x, weight, *geometry, u.out_hw)
     if operation == "conv_input_grad":
-        extra = {"memo": memo} if route.data_dependent and memo is not None else {}
+        extra = {"memo": memo} if route.uses_memo and memo is not None else {}
         return lambda: route.fn(dy, weight, u.x_shape, *geometry, **extra)
     grad = np.zeros(weight.shape, dtype)
     return lambda: route.fn(dy, x, weight.shape, *geometry, accumulate=grad)

@@ -46,6 +46,7 @@ class Route:
     applies: Callable
     reason: str
     data_dependent: bool = False  # the shortcut also needs something of the data: without it, the next route runs
+    uses_memo: bool = False       # reads or writes the layer's memo (data-dependent routes always do)
 
 
 _TEXTBOOK: dict = {}  # op -> Route
@@ -78,12 +79,14 @@ def route(name: str):
 
 
 def register(op: str, name: str, applies: Callable | None = None, reason: str = "", textbook: bool = False,
-             data_dependent: bool = False):
+             data_dependent: bool = False, uses_memo: bool = False):
     """Decorator: register ``fn`` as route ``name`` of ``op`` (the textbook one if ``textbook``).
     ``data_dependent``: ``fn`` looks at the data too, and hands over to ``select(..., skip=(name,))``
-    where the data offers no shortcut."""
+    where the data offers no shortcut. ``uses_memo``: ``fn`` takes the layer's memo (``memo=``, see
+    :func:`run`) to keep something from one pass for another; data-dependent routes always do."""
     def decorate(fn):
-        entry = Route(op, name, fn, applies or (lambda *facts: True), reason, data_dependent)
+        entry = Route(op, name, fn, applies or (lambda *facts: True), reason, data_dependent,
+                      uses_memo or data_dependent)
         if textbook:
             _TEXTBOOK[op] = entry
         else:
@@ -116,21 +119,22 @@ def select(op: str, *facts, skip: tuple = ()) -> Route:
     return routes(op)[-1]
 
 
-EARLIER = "found in earlier inputs"  # the key of a layer's memo that lasts across its calls (see run)
+ACROSS_CALLS = "kept across calls"  # the key of a layer's memo that lasts across its calls (see run)
 
 
 def run(op: str, facts: tuple, *args, skip: tuple = (), memo: dict | None = None, **kwargs):
     """``select(op, *facts, skip=skip).fn(*args, **kwargs)``: what a layer calls.
 
-    ``memo``: a dict a layer keeps from its forward to its backward. A data-dependent
-    route gets it (``memo=``) to keep what it found out about the layer's input (the
-    runs of repeated lines), so that the backward need not look again; other routes
-    never see it. ``memo[EARLIER]``, where the layer puts one, is a dict the layer
-    keeps across calls: what the route found in earlier inputs, as hints it checks
-    against the data before using them (never trusted as they are).
+    ``memo``: a dict a layer keeps from its forward to its backward. A route registered
+    with ``uses_memo`` (every data-dependent one) gets it (``memo=``) to keep what the
+    backward can reuse: what it found out about the layer's input (the runs of repeated
+    lines), or the forward's columns; other routes never see it. ``memo[ACROSS_CALLS]``,
+    where the layer puts one, is a dict the layer keeps across its calls: what a route
+    found in earlier inputs, as hints it checks against the data before using them
+    (never trusted as they are), and buffers it reuses.
     """
     chosen = select(op, *facts, skip=skip)
-    if memo is not None and chosen.data_dependent:
+    if memo is not None and chosen.uses_memo:
         kwargs["memo"] = memo
     return chosen.fn(*args, **kwargs)
 

@@ -286,3 +286,71 @@ def test_row_shifted_forward_equals_the_textbook(dtype, tol, band_bytes, monkeyp
         got = conv_fast.forward_by_row_shifts(x, w, (1, 1), p, d, None, b)
         want = routes.textbook(FORWARD).fn(x, w, (1, 1), p, d, None, b)
         assert got.dtype == dtype and _rel(got, want) < tol, (x_shape, w_shape, p, d)
+
+
+def _count_unfoldings(monkeypatch):
+    shapes = []
+    real = columns.Unfolding.unfold
+
+    def counted(self, xpad, r0, r1, out=None):
+        shapes.append(self.x_shape)
+        return real(self, xpad, r0, r1, out)
+
+    monkeypatch.setattr(columns.Unfolding, "unfold", counted)
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_weight_gradient_multiplies_the_forwards_columns_in_training(dtype, monkeypatch):
+    """A training Conv2d on the bands route unfolds x once a step: its weight gradient takes the columns
+    its forward kept (the same bits as unfolding again); in eval mode, or with a frozen weight, nothing is
+    kept and the weight gradient unfolds x itself."""
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((1, 16, 20, 20)).astype(dtype)
+    dy = rng.standard_normal((1, 24, 20, 20)).astype(dtype)
+    layer = Conv2d(16, 24, 3, padding=1, dtype=dtype, rng=0)
+    assert routes.select(FORWARD, *layer.route_facts(x.shape)["forward"][1]).name == "bands"
+    unfolded = _count_unfoldings(monkeypatch)
+    grads = {}
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        layer.zero_grad()
+        unfolded.clear()
+        with route("fast"):
+            layer(x)
+            assert (conv_fast._KEPT in layer._cache[2]) == (mode == "train")
+            layer.backward(dy)
+        assert unfolded.count(x.shape) == (1 if mode == "train" else 2), (mode, unfolded)
+        grads[mode] = layer.weight.grad.copy()
+    np.testing.assert_array_equal(grads["train"], grads["eval"])
+    layer.train()
+    with route("textbook"):
+        layer.zero_grad()
+        layer(x)
+        layer.backward(dy)
+    np.testing.assert_allclose(grads["train"], layer.weight.grad, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 * np.abs(layer.weight.grad).max())
+    layer.weight.trainable = False
+    with route("fast"):
+        layer(x)
+    assert conv_fast._KEPT not in layer._cache[2]
+
+
+def test_kept_columns_serve_only_the_input_they_were_made_of(monkeypatch):
+    """The weight gradient of another x of the same shape unfolds that x (the kept columns are x's own),
+    and columns larger than a band are not kept at all."""
+    rng = np.random.default_rng(31)
+    x, other = rng.standard_normal((2, 1, 16, 20, 20))
+    dy = rng.standard_normal((1, 24, 20, 20))
+    layer = Conv2d(16, 24, 3, padding=1, dtype=np.float64, rng=0)
+    with route("fast"):
+        layer(x)
+    memo = layer._cache[2]
+    got = conv_fast.weight_grad_by_bands(dy, other, layer.weight.shape, (1, 1), (1, 1), (1, 1), memo=memo)
+    want = routes.textbook(WEIGHT_GRAD).fn(dy, other, layer.weight.shape, (1, 1), (1, 1), (1, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    monkeypatch.setitem(columns.BAND_BYTES, "numpy", 16 * 9 * 400 * 8 - 8)  # one element too few
+    fresh = Conv2d(16, 24, 3, padding=1, dtype=np.float64, rng=0)
+    with route("fast"):
+        fresh(x)
+    assert conv_fast._KEPT not in fresh._cache[2] and not fresh._across_calls

@@ -16,7 +16,7 @@ from minifcn import route
 from minifcn.layers import Conv2d, conv_fast, line_runs
 from minifcn.layers.line_runs import (LineCut, cut_map, expand_output, find_runs, plan_cuts, put_lines,
                                       sum_into_cut, take_lines)
-from minifcn.routes import EARLIER
+from minifcn.routes import ACROSS_CALLS
 
 
 def repeated(rng, shape, row_counts, col_counts):
@@ -207,7 +207,7 @@ def test_both_gradients_sum_dy_onto_the_cut_once(monkeypatch):
         y = layer(x)
         layer.backward(rng.standard_normal(y.shape))
     assert len(sums) == 1
-    kept = [key for key in layer._cache[2] if key != EARLIER]
+    kept = [key for key in layer._cache[2] if key != ACROSS_CALLS]
     assert kept and all(len(key) > 2 for key in kept), kept  # only the forward's plan (and the hints)
 
 
@@ -259,4 +259,4 @@ def test_a_layer_checks_its_last_inputs_runs_instead_of_searching(monkeypatch):
     for side in range(60, 72):                                       # hints of a few shapes only
         with route("fast"):
             layer(repeated(rng, (1, 4), [side - 10, 10], [20, 30]))
-    assert 1 <= len(layer._earlier_inputs) <= conv_fast.RUNS_HINTS_KEPT
+    assert 1 <= len(layer._across_calls) <= conv_fast.RUNS_HINTS_KEPT

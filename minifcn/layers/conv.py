@@ -18,11 +18,11 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..module import Module, Parameter
-from ..routes import EARLIER, register, run
+from ..routes import ACROSS_CALLS, register, run
 from ._checks import (SavedInput, check_accumulate, check_grad, check_kernel_fits, check_nchw,
                       check_positive_output, check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
-from .conv_fast import FORWARD, INPUT_GRAD, WEIGHT_GRAD, conv_facts
+from .conv_fast import FORWARD, INPUT_GRAD, KEEP_COLUMNS, WEIGHT_GRAD, conv_facts
 from .init import uniform_init as _uniform_init  # (tests replace it to build zero models fast)
 
 @register(FORWARD, "textbook", textbook=True, reason="im2col of the whole input, one product, bias")
@@ -108,7 +108,7 @@ class Conv2d(_Convolution):
                          rng, (int(out_channels), int(in_channels)))
         self.input_grad = True
         self.input_grad_up_to_runs = False
-        self._earlier_inputs = {}  # the fast routes' hints from earlier inputs (routes.EARLIER)
+        self._across_calls = {}  # what the fast routes keep from call to call (routes.ACROSS_CALLS)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_channels) + tuple(
@@ -128,11 +128,12 @@ class Conv2d(_Convolution):
         check_same_dtype(x, self.weight.data, "Conv2d")
         check_kernel_fits(x.shape, self.kernel_size, self.padding, self.dilation, "Conv2d")
         bias = None if self.bias is None else self.bias.data
-        # what a data-dependent route found out about x (its runs of repeated lines), for backward,
-        # and what it found in earlier inputs (hints it checks against x)
-        memo = {EARLIER: self._earlier_inputs}
+        # what a route found out about x (its runs of repeated lines) or made of it (its columns), for
+        # backward; what it keeps across calls (hints it checks against x, buffers); whether a weight
+        # gradient will follow (only then are columns kept)
+        memo = {ACROSS_CALLS: self._across_calls, KEEP_COLUMNS: self.training and self.weight.trainable}
         y = run(*self.route_facts(x.shape)["forward"], x, self.weight.data, *self.geometry, None, bias, memo=memo)
-        self._cache = (SavedInput(x), y.shape, memo)  # the input (checked unchanged in backward), not its columns
+        self._cache = (SavedInput(x), y.shape, memo)  # the input (checked unchanged in backward)
         return y
 
     def backward(self, dy):

@@ -43,9 +43,9 @@ from __future__ import annotations
 
 from ..backend import get_array_module
 from ..parallel import run_bands, workers_for
-from ..routes import EARLIER, register, run
+from ..routes import ACROSS_CALLS, register, run
 from ._checks import check_accumulate
-from .columns import Unfolding, conv_output_size, workspace
+from .columns import BAND_BYTES, Unfolding, conv_output_size, workspace
 from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
@@ -191,21 +191,22 @@ RUNS_HINTS_KEPT = 8  # a layer keeps the cuts of its inputs of at most this many
 def _cuts_worth_it(x, u, memo=None):
     """(cuts, cut map) of x, or None where they would not save enough. With a layer's ``memo``, the
     forward's answer is kept there and the weight gradient of the same input reads it back; the cuts
-    that paid are also kept in ``memo[EARLIER]`` (if the layer keeps one), the hint for its next
+    that paid are also kept in ``memo[ACROSS_CALLS]`` (if the layer keeps one), the hint for its next
     input of this shape (:func:`~minifcn.layers.line_runs.plan_cuts` checks it against the data)."""
     key = _plan_key(u)
     if memo is not None and key in memo:
         return memo[key]
-    earlier = None if memo is None else memo.get(EARLIER)
-    hint = None if earlier is None else earlier.pop(key, None)
+    kept = None if memo is None else memo.get(ACROSS_CALLS)
+    hint = None if kept is None else kept.pop(key, None)
     cuts, cut_x = plan_cuts(x, u.kernel, u.padding, u.dilation, RUNS_LEAST_SAVED, hint=hint)
     planned = (cuts, cut_x) if saved_fraction(cuts) <= RUNS_MAX_FRACTION else None
     if memo is not None:
         memo[key] = planned
-    if earlier is not None and planned is not None:
-        earlier[key] = cuts                      # now the latest shape
-        while len(earlier) > RUNS_HINTS_KEPT:
-            earlier.pop(next(iter(earlier)))     # the shape seen longest ago
+    if kept is not None and planned is not None:
+        kept[key] = cuts                         # now the latest shape
+        hints = [k for k in kept if k[0] == _RUNS]
+        for old in hints[:max(0, len(hints) - RUNS_HINTS_KEPT)]:
+            del kept[old]                        # the shapes seen longest ago
     return planned
 
 
@@ -226,11 +227,12 @@ def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=
     u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
     planned = _cuts_worth_it(x, u, memo)
     if planned is None:
-        return run(FORWARD, (u, cout), x, weight, stride, padding, dilation, out_hw, bias=bias, skip=(_RUNS,))
+        return run(FORWARD, (u, cout), x, weight, stride, padding, dilation, out_hw, bias=bias, skip=(_RUNS,),
+                   memo=memo)
     cuts, cut_x = planned
     geometry = (u.stride, u.padding, u.dilation)
     y_cut = run(FORWARD, conv_facts(cut_x.shape, weight.shape, *geometry), cut_x, weight, *geometry,
-                bias=bias, skip=(_RUNS,))
+                bias=bias, skip=(_RUNS,), memo=memo)
     return expand_output(y_cut, cuts)
 
 
@@ -248,12 +250,12 @@ def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accu
     planned = _cuts_worth_it(x, u, memo)
     if planned is None:
         return run(WEIGHT_GRAD, (u, cout), dy, x, weight_shape, stride, padding, dilation,
-                   accumulate=accumulate, skip=(_RUNS,))
+                   accumulate=accumulate, skip=(_RUNS,), memo=memo)
     cuts, cut_x = planned
     dy_cut = _summed_onto_cut(dy, cuts, memo)
     geometry = (u.stride, u.padding, u.dilation)
     return run(WEIGHT_GRAD, conv_facts(cut_x.shape, weight_shape, *geometry, dy_cut.shape[2:]),
-               dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, skip=(_RUNS,))
+               dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, skip=(_RUNS,), memo=memo)
 
 
 def _summed_onto_cut(dy, cuts, memo):
@@ -539,10 +541,42 @@ def forward_by_row_shifts(x, weight, stride, padding, dilation, out_hw=None, bia
     return y
 
 
-@register(FORWARD, "bands", reason="im2col and one product per band of output rows (cache-sized bands "
-                                   "when Cout <= 64, else one), bands shared by CPU threads")
-def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=None):
-    """``C x (+ b)``: for each band of output rows, im2col into this thread's scratch buffer, then one product."""
+# A training step unfolds each input twice: the forward's product needs im2col(x), and so does the
+# weight gradient's. Where the columns are one band (at most BAND_BYTES: the small FCN's conv2 to fc6 at
+# batch 1), the bands forward writes them into a buffer of the layer's own (memo[ACROSS_CALLS], reused
+# step after step: no fresh memory to fault in) and leaves them in the memo; the bands weight gradient of
+# the same x multiplies them instead of unfolding x again. Only where the layer says a weight gradient
+# follows (memo[KEEP_COLUMNS]: training, weight trainable).
+KEEP_COLUMNS = "keep the forward's columns"     # set by the layer in its memo
+_KEPT = ("bands", "the forward's columns")       # memo: (x, its unfolding's key, the columns)
+_KEPT_BUFFER = ("bands", "buffer of the columns")  # memo[ACROSS_CALLS]: the layer's flat buffer
+
+
+def _unfolding_key(u):
+    return (u.x_shape, u.kernel, u.stride, u.padding, u.dilation, u.out_hw)
+
+
+def _buffer_to_keep(memo, u, xp, dtype):
+    """The layer's buffer for the forward's columns of ``u`` (one band), or None where they are not kept."""
+    if memo is None or not memo.get(KEEP_COLUMNS) or ACROSS_CALLS not in memo:
+        return None
+    shape = u.band_shape(0, u.out_hw[0])
+    size = shape[0] * shape[1] * shape[2]
+    if size * dtype.itemsize > BAND_BYTES.get(xp.__name__, 0):
+        return None
+    kept = memo[ACROSS_CALLS]
+    buf = kept.get(_KEPT_BUFFER)
+    if buf is None or buf.size < size or buf.dtype != dtype or get_array_module(buf) is not xp:
+        buf = kept[_KEPT_BUFFER] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
+@register(FORWARD, "bands", uses_memo=True,
+          reason="im2col and one product per band of output rows (cache-sized bands when Cout <= 64, else "
+                 "one), bands shared by CPU threads; one band's columns kept for the weight gradient")
+def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
+    """``C x (+ b)``: for each band of output rows, im2col into this thread's scratch buffer, then one product.
+    ``memo``: a layer's; where it asks for them, columns of one band go to its buffer and stay in it."""
     xp = get_array_module(x)
     u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
     n = x.shape[0]
@@ -551,16 +585,20 @@ def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=Non
     y = xp.empty((n, cout, oh, ow), dtype=x.dtype)
     y3 = y.reshape(n, cout, oh * ow)
     xpad = u.pad(x)
+    bands = list(u.bands(xp, x.itemsize, cout))
+    kept = _buffer_to_keep(memo, u, xp, x.dtype) if len(bands) == 1 and not u.pointwise else None
 
     def one_band(worker, r0, r1):
-        cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
+        out = kept if kept is not None else workspace(xp, x.dtype, u.band_shape(r0, r1))
+        cols = u.unfold(xpad, r0, r1, out)
         band = y3[:, :, r0 * ow:r1 * ow]                   # output rows r0..r1 of every image, in place
         xp.matmul(w2, cols, out=band)
         if bias is not None:                               # added while the band is in cache
             band += bias.reshape(cout, 1)
 
-    bands = list(u.bands(xp, x.itemsize, cout))
     run_bands(bands, one_band, workers_for(xp, len(bands), n))
+    if kept is not None:
+        memo[_KEPT] = (x, _unfolding_key(u), kept)
     return y
 
 
@@ -707,16 +745,23 @@ def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilati
     return accumulate
 
 
-@register(WEIGHT_GRAD, "bands", reason="im2col band by band, one partial sum per CPU thread, "
-                                       "the product in the orientation BLAS runs faster")
-def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
-    """``dW += sum over bands of dy_band . cols_band^T``, bands shared by threads, summed in worker order."""
+@register(WEIGHT_GRAD, "bands", uses_memo=True,
+          reason="im2col band by band (or the forward's columns, kept), one partial sum per CPU thread, "
+                 "the product in the orientation BLAS runs faster")
+def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
+    """``dW += sum over bands of dy_band . cols_band^T``, bands shared by threads, summed in worker order.
+    ``memo``: a layer's; where its forward kept the columns of this very x (:func:`forward_by_bands`),
+    they are the one band, not unfolded again."""
     xp = get_array_module(dy)
     n, cout, oh, ow = dy.shape
     u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, (oh, ow))
     accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv_weight_grad")
     dw = accumulate.reshape(cout, u.rows)  # a view, so the += below lands in accumulate
     dy3 = dy.reshape(n, cout, oh * ow)
+    kept = None if memo is None else memo.pop(_KEPT, None)
+    if kept is not None and kept[0] is x and kept[1] == _unfolding_key(u):
+        _add_products(dw, dy3, kept[2])    # the columns im2col(x) would give: the same numbers, one band
+        return accumulate
     xpad = u.pad(x)
     bands = list(u.bands(xp, x.itemsize, cout))
     workers = workers_for(xp, len(bands), n)
