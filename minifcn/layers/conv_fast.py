@@ -26,7 +26,8 @@ Convolution forward ``y = C x``:
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
   ``row-shifted``     stride 1, a large map, at most 32 out: columns along the width only (kw copies),
                       one product per kernel row on the same columns shifted by whole rows
-  ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads
+  ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads;
+                      in training, columns that are one band stay in a buffer of the layer's for its weight gradient
 Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``pointwise``       1x1, stride 1, no padding: one product, no col2im
   ``flipped-kernel``  stride 1: a convolution of dy with the flipped kernel
@@ -34,7 +35,8 @@ Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``bands-col2im``    the product and col2im band by band of output rows
 Weight gradient ``dW = dy . cols^T``:
   ``shifted``         stride 1, at most 8 channels in and 8 out: k*k products of shifted slices, no columns
-  ``bands``           im2col band by band, per-thread partial sums, the product in the faster orientation
+  ``bands``           im2col band by band (or the forward's kept columns), per-thread partial sums, the
+                      product in the faster orientation
 
 Rules of thumb behind the thresholds are stated where they are used; the
 measurements that led to them are in ``benchmarks/RESULTS.md``.
