@@ -65,6 +65,35 @@ def test_select_takes_the_first_fast_route_that_applies_else_the_textbook(monkey
         routes.select("triple", 1)
 
 
+def test_run_hands_the_layers_memo_only_to_routes_that_take_it(monkeypatch):
+    """``uses_memo`` (and every data-dependent route) gets ``memo=``; other routes never see it."""
+    monkeypatch.setenv("MINIFCN_ROUTE", "fast")
+    monkeypatch.setattr(routes, "_TEXTBOOK", {})
+    monkeypatch.setattr(routes, "_FAST", {})
+    seen = []
+
+    @routes.register("op", "textbook", textbook=True, reason="plain")
+    def plain(x):
+        return x
+
+    @routes.register("op", "keeps", applies=lambda x: x == 1, reason="keeps something", uses_memo=True)
+    def keeps(x, memo=None):
+        seen.append(("keeps", memo))
+        return x
+
+    @routes.register("op", "looks", applies=lambda x: x == 2, reason="looks at the data", data_dependent=True)
+    def looks(x, memo=None):
+        seen.append(("looks", memo))
+        return x
+
+    memo = {}
+    for x in (1, 2, 3):
+        assert routes.run("op", (x,), x, memo=memo) == x      # the textbook route (x = 3) takes no memo=
+    assert seen == [("keeps", memo), ("looks", memo)] and all(m is memo for _, m in seen)
+    routes.run("op", (1,), 1)                                  # no memo given: none passed
+    assert seen[-1] == ("keeps", None)
+
+
 def test_every_operation_has_a_textbook_route():
     for op in ("conv_forward", "conv_input_grad", "conv_weight_grad", "maxpool_forward", "maxpool_input_grad",
                "sgd_update"):
