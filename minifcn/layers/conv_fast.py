@@ -546,7 +546,7 @@ def forward_by_row_shifts(x, weight, stride, padding, dilation, out_hw=None, bia
 # A training step unfolds each input twice: the forward's product needs im2col(x), and so does the
 # weight gradient's. Where the columns are one band (at most BAND_BYTES: the small FCN's conv2 to fc6 at
 # batch 1), the bands forward writes them into a buffer of the layer's own (memo[ACROSS_CALLS], reused
-# step after step: no fresh memory to fault in) and leaves them in the memo; the bands weight gradient of
+# step after step, not a fresh array each time) and leaves them in the memo; the bands weight gradient of
 # the same x multiplies them instead of unfolding x again. Only where the layer says a weight gradient
 # follows (memo[KEEP_COLUMNS]: training, weight trainable).
 KEEP_COLUMNS = "keep the forward's columns"     # set by the layer in its memo
