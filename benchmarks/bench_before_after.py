@@ -42,12 +42,16 @@ def extract(revision: str, folder: str) -> None:
     os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
 
 
-def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 8,
+def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 32,
                   width: float | None = None):
     """A closure running one step of the default recipe (model, loss, SGD) of ``package`` on batches of
     ``image_size`` images, cut to random ``crop_size`` crops when given (None: whole images), with the
     model at ``width`` (None: the default). The crop is the caller's, not the package's default, so two
-    versions timed side by side do the same work."""
+    versions timed side by side do the same work.
+
+    The rate follows the recipe's schedule, warm-up included, where the version has one (without it the
+    default rate drove the model to NaN within a few hundred steps, and a NaN map has no repeated lines, so
+    the data-dependent routes then timed other work); a non-finite loss stops the benchmark."""
     train = importlib.import_module(package + ".train")
     optim = importlib.import_module(package + ".optim")
     extra = {} if width is None else {"width": width}
@@ -62,14 +66,26 @@ def training_step(package: str, batch_size: int, image_size: int, crop_size: int
                               flip=cfg.flip, drop_last=True, mean=train.IMAGENET_MEAN_RGB, bgr=cfg.bgr,
                               scale=cfg.input_scale)
     data = [b for _, b in zip(range(batches), loader.epoch(0))]
+    schedule = None
+    if hasattr(optim, "make_schedule") and getattr(cfg, "warmup", 0):
+        steps_of_run = max(1, cfg.epochs * len(train_set) // batch_size)
+        schedule = optim.make_schedule(cfg.schedule, cfg.lr, steps_of_run, power=cfg.poly_power, warmup=cfg.warmup)
+    taken = [0]
 
     def step(i):
         images, labels = data[i % len(data)]
+        if schedule is not None:
+            opt.lr = schedule(taken[0])
         model.zero_grad()
-        loss_fn(model(images), labels)
+        loss = float(loss_fn(model(images), labels))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{package}: the benchmark's training diverged (loss {loss}) at step "
+                                     f"{taken[0]}; later steps would time other work")
         model.backward(loss_fn.backward())
         opt.step()
+        taken[0] += 1
 
+    step.model, step.optimizer, step.batches = model, opt, data  # for the tests
     return step
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,14 +211,27 @@ def test_bench_before_after_gives_both_versions_the_same_crop():
     import bench_before_after  # noqa: PLC0415
 
     step = bench_before_after.training_step("minifcn", 1, 48, crop_size=24, batches=2)
-    images = step.__closure__  # the closure's batches
-    data = next(c.cell_contents for c in images if isinstance(c.cell_contents, list))
-    assert all(x.shape[2:] == (24, 24) for x, _ in data)
+    assert all(x.shape[2:] == (24, 24) for x, _ in step.batches)
     whole = bench_before_after.training_step("minifcn", 1, 48, crop_size=None, batches=2, width=0.0625)
-    data = next(c.cell_contents for c in whole.__closure__ if isinstance(c.cell_contents, list))
-    assert all(x.shape[2:] == (48, 48) for x, _ in data)
-    model = next(c.cell_contents for c in whole.__closure__ if hasattr(c.cell_contents, "conv1_1"))
-    assert model.conv1_1.out_channels == 4  # 64 * 0.0625: the width asked for
+    assert all(x.shape[2:] == (48, 48) for x, _ in whole.batches)
+    assert whole.model.conv1_1.out_channels == 4  # 64 * 0.0625: the width asked for
+
+
+def test_bench_before_after_steps_follow_the_warm_up_and_stop_at_a_non_finite_loss():
+    """The benchmark's steps take the recipe's warm-up (the full rate from the first step drove the model to NaN
+    within a few hundred steps, and NaN maps have no repeated lines to cut), and a NaN loss stops it."""
+    import bench_before_after  # noqa: PLC0415
+    from minifcn.train import TrainConfig  # noqa: PLC0415
+
+    cfg = TrainConfig()
+    step = bench_before_after.training_step("minifcn", 1, 48, crop_size=24, batches=2, width=0.0625)
+    step(0)
+    assert step.optimizer.lr == pytest.approx(cfg.lr / cfg.warmup, rel=1e-3)  # and the poly decay, barely begun
+    step(1)
+    assert step.optimizer.lr == pytest.approx(2 * cfg.lr / cfg.warmup, rel=1e-3)
+    step.model.conv1_1.weight.data[...] = np.nan
+    with pytest.raises(FloatingPointError, match="diverged"):
+        step(2)
 
 
 def test_bench_barrier_times_each_barrier():
