@@ -52,16 +52,27 @@ import numpy as np  # noqa: E402  (after the environment is set)
 # ---------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo with its family and model numbers (or platform's guess elsewhere).
+
+    The numbers tell processors apart that share a name: a VM's "AMD EPYC" is a Zen 2 (family 23 model 49),
+    a Zen 3 (25, 1), a Zen 4 (25, 17) or a Zen 5 (26, 2), whose speed ratios against PyTorch differ."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def cpu_flags() -> set[str]:
@@ -165,16 +176,24 @@ def blas_threads() -> int:
 _torch = None
 _torch_checked = False
 
+# Spins of PyTorch's idle OpenMP threads (GNU libgomp, read when torch loads) before they sleep; libgomp's own
+# default is 300,000. The twin of OPENBLAS_THREAD_TIMEOUT for minifcn's BLAS: in one process, threads left
+# spinning after one framework's call take the cores from the other's next call. Where the variable is already
+# set, it is left as it is (GOMP_SPINCOUNT=300000 measures libgomp's default).
+TORCH_SPINCOUNT = "10000"
+
 
 def import_torch(threads: int | None = None):
     """Return the ``torch`` module, or None if it is not installed.
 
     Sets ``torch.set_num_threads`` to ``threads`` (default: NumPy's BLAS
-    thread count) so both libraries run on the same number of cores.
+    thread count) so both libraries run on the same number of cores, and
+    ``GOMP_SPINCOUNT`` to :data:`TORCH_SPINCOUNT` (unless set) before torch loads.
     """
     global _torch, _torch_checked
     if not _torch_checked:
         _torch_checked = True
+        os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
         try:
             import torch  # noqa: PLC0415 (optional)
         except ImportError:
@@ -218,6 +237,7 @@ def machine_info(torch=None) -> dict:
     if torch is not None:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_spincount"] = os.environ.get("GOMP_SPINCOUNT", "unset (300000)")
     return info
 
 
@@ -233,7 +253,7 @@ def machine_line(torch=None) -> str:
             f"with {i['blas']} ({kernels}threads: {i['blas_threads']})")
     line += f"; minifcn band threads: {i['band_threads']}"
     if i["torch"]:
-        line += f"; PyTorch {i['torch']} (threads: {i['torch_threads']})"
+        line += f"; PyTorch {i['torch']} (threads: {i['torch_threads']}, GOMP_SPINCOUNT={i['torch_spincount']})"
     else:
         import importlib.util  # noqa: PLC0415
 

@@ -161,6 +161,16 @@ def test_machine_line_and_peak_rss():
     assert common.peak_rss_mb() > 0
 
 
+def test_cpu_model_names_the_family_and_model(tmp_path):
+    """A VM's "AMD EPYC" is one of several processors: the line carries its family and model numbers."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\n")
+    assert common.cpu_model(str(info)) == "AMD EPYC (family 23 model 49)"
+    info.write_text("processor\t: 0\nmodel name\t: Apple M2\n")
+    assert common.cpu_model(str(info)) == "Apple M2"
+
+
 def test_machine_line_names_forced_openblas_choices(monkeypatch):
     """A machine that forces OpenBLAS's kernels (OPENBLAS_CORETYPE) has another ceiling: the line says so."""
     for var in common.OPENBLAS_CHOICES:
