@@ -51,9 +51,9 @@ def training_step(package: str, batch_size: int, image_size: int, crop_size: int
     model at ``width`` (None: the default). The crop is the caller's, not the package's default, so two
     versions timed side by side do the same work.
 
-    The rate follows the recipe's schedule, warm-up included, where the version has one (without it the
-    default rate drove the model to NaN within a few hundred steps, and a NaN map has no repeated lines, so
-    the data-dependent routes then timed other work); a non-finite loss stops the benchmark."""
+    The rate follows the recipe's schedule, warm-up included, where the version has one (the full rate from
+    the first step sits at the edge: one sweep overflowed at step 104 and went on in NaN, and a NaN map has no
+    repeated lines, so the data-dependent routes then timed other work); a non-finite loss stops the benchmark."""
     train = importlib.import_module(package + ".train")
     optim = importlib.import_module(package + ".optim")
     extra = {} if width is None else {"width": width}
