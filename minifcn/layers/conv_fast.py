@@ -23,6 +23,8 @@ Every op, next:
                       The input gradient only where the layer takes one up to those runs.
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
+  ``winograd``        3x3, stride 1, batches of 4 or more, 32 channels or more, maps up to 48 x 48: Winograd's
+                      F(2x2, 3x3), 16 products of transformed 4x4 tiles (:mod:`minifcn.layers.winograd`)
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
   ``row-shifted``     stride 1, a large map, at most 32 out: columns along the width only (kw copies),
                       one product per kernel row on the same columns shifted by whole rows
@@ -34,6 +36,7 @@ Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
   ``sub-pixel``       the stride divides the kernel: a stride-1 convolution, then depth to space
   ``bands-col2im``    the product and col2im band by band of output rows
 Weight gradient ``dW = dy . cols^T``:
+  ``winograd``        where the forward's rule holds: its adjoint, on the forward's transformed tiles
   ``shifted``         stride 1, at most 8 channels in and 8 out: k*k products of shifted slices, no columns
   ``bands``           im2col band by band (or the forward's kept columns), per-thread partial sums, the
                       product in the faster orientation
@@ -44,9 +47,10 @@ measurements that led to them are in ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ..parallel import run_bands, workers_for
+from ..parallel import num_threads, run_bands, workers_for
 from ..routes import ACROSS_CALLS, register, run
 from ._checks import check_accumulate
+from . import winograd
 from .columns import BAND_BYTES, Unfolding, conv_output_size, workspace
 from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
@@ -348,6 +352,101 @@ def forward_by_blocks(x, weight, stride, padding, dilation, out_hw=None, bias=No
                 y += z[:, a, e, :, a:a + oh, e:e + ow]
     if bias is not None:
         y += bias.reshape(1, cout, 1, 1)
+    return y
+
+
+# --------------------------------------------------------------------------- Winograd F(2x2, 3x3) (3x3, stride 1)
+#
+# The maths is in :mod:`minifcn.layers.winograd`. Bands are images (of a batch)
+# or tile rows (of one image), one per CPU thread, each taken from its gather to
+# its output by one thread at one BLAS thread. In training the forward's V (16
+# values a tile and input channel: 4/9 of im2col's columns) stays in a buffer of
+# the layer's for the weight gradient (without it the small case's step gained
+# half as much). Rule (benchmarks/RESULTS.md, "Winograd"): measured on the Zen 2,
+# it paid in batches, on 32 and 64 channels, on maps up to 37 x 37; at batch 1
+# the recipe's step was 7 to 13 % slower with it, though its layers alone were faster.
+
+WINOGRAD_LEAST_BATCH = 4         # fewer images: slower in a step (one image), no faster alone (two)
+WINOGRAD_LEAST_CHANNELS = 32     # fewer channels in or out: the transforms cost more than the products save
+WINOGRAD_MOST_OUTPUTS = 48 * 48  # larger maps: not measured faster (the 66 x 66 and 131 x 131 maps were not)
+WINOGRAD_MIN_BAND_BYTES = 256 << 10  # less V than this a thread: fewer bands
+_WINO_KEPT = ("winograd", "the forward's tiles")        # memo: (x, its unfolding's key, bands, V of each band)
+_WINO_BUFFER = ("winograd", "buffer of the tiles")      # memo[ACROSS_CALLS]: the layer's flat buffer
+
+
+def winograd_applies(u, cout, up_to_runs=False):
+    """3x3, stride 1, dilation 1, a batch of ``WINOGRAD_LEAST_BATCH`` or more, at least
+    ``WINOGRAD_LEAST_CHANNELS`` channels in and out, at most ``WINOGRAD_MOST_OUTPUTS`` outputs a map."""
+    return (u.kernel == (3, 3) and u.stride == (1, 1) and u.dilation == (1, 1)
+            and u.x_shape[0] >= WINOGRAD_LEAST_BATCH and min(u.x_shape[1], cout) >= WINOGRAD_LEAST_CHANNELS
+            and u.out_hw[0] * u.out_hw[1] <= WINOGRAD_MOST_OUTPUTS)
+
+
+def _winograd_bands(xp, tiling, cin, itemsize):
+    """One band per CPU thread, each with at least ``WINOGRAD_MIN_BAND_BYTES`` of V (NumPy; CuPy: one band)."""
+    if xp.__name__ != "numpy":
+        return tiling.bands(1)
+    whole = 16 * cin * tiling.tiles * itemsize
+    most = tiling.x_shape[0] if tiling.x_shape[0] > 1 else tiling.tiles_hw[0]
+    return tiling.bands(min(num_threads(), most, max(1, whole // WINOGRAD_MIN_BAND_BYTES)))
+
+
+def _winograd_tiles_to_keep(memo, xp, dtype, size):
+    """The layer's flat buffer for the forward's V (``size`` values), or None where V is not kept."""
+    if memo is None or not memo.get(KEEP_COLUMNS) or ACROSS_CALLS not in memo:
+        return None
+    kept = memo[ACROSS_CALLS]
+    buf = kept.get(_WINO_BUFFER)
+    if buf is None or buf.size < size or buf.dtype != dtype or get_array_module(buf) is not xp:
+        buf = kept[_WINO_BUFFER] = xp.empty(size, dtype=dtype)
+    return buf[:size]
+
+
+def _band_tiles(buffer, tiling, band, cin, xp, dtype):
+    """Where a band's V goes: its slice of the kept buffer, or this thread's scratch."""
+    c0, c1 = tiling.columns(band)
+    if buffer is None:
+        return workspace(xp, dtype, (16, cin, c1 - c0), "winograd tiles")
+    return buffer[16 * cin * c0:16 * cin * c1].reshape(16, cin, c1 - c0)
+
+
+def _run_winograd_bands(bands, one_band):
+    """``one_band(index)`` for every band, band b on thread b % threads."""
+    run_bands([(i,) for i in range(len(bands))], lambda worker, i: one_band(i), min(num_threads(), len(bands)))
+
+
+@register(FORWARD, "winograd", applies=winograd_applies, uses_memo=True,
+          reason=f"3x3, stride 1, batches of >= {WINOGRAD_LEAST_BATCH}, >= {WINOGRAD_LEAST_CHANNELS} channels "
+                 "in and out, small maps: Winograd F(2x2, 3x3), 16 products of transformed 4x4 tiles, "
+                 "4 multiplications an output instead of 9")
+def forward_by_winograd(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
+    """``C x (+ b)`` for a 3x3 kernel at stride 1 by Winograd's F(2x2, 3x3), band by band.
+
+    Inputs and returns as :func:`minifcn.layers.conv.conv2d_forward`. Per band:
+    V = (Bt kron Bt) d of its 4x4 input tiles, M[k] = U[k] V[k] for the 16
+    positions k of a transformed tile, y = (At kron At) M (:mod:`.winograd`).
+    ``memo``: a layer's; where it asks for them, V of every band stays in its buffer.
+    """
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    cin = x.shape[1]
+    tiling = winograd.Tiling(x.shape, u.padding, u.out_hw)
+    halves = tiling.split_padded(x)
+    kernels = winograd.transformed_kernels(weight)
+    y = xp.empty((x.shape[0], cout) + u.out_hw, dtype=x.dtype)
+    bands = _winograd_bands(xp, tiling, cin, x.itemsize)
+    kept = _winograd_tiles_to_keep(memo, xp, x.dtype, 16 * cin * tiling.tiles)
+    tiles = [None] * len(bands)
+
+    def one_band(index):
+        band = bands[index]
+        v = winograd.input_tiles(tiling, halves, band, _band_tiles(kept, tiling, band, cin, xp, x.dtype))
+        winograd.forward_band(tiling, kernels, v, band, y, bias)
+        tiles[index] = v
+
+    _run_winograd_bands(bands, one_band)
+    if kept is not None:
+        memo[_WINO_KEPT] = (x, _unfolding_key(u), bands, tiles)
     return y
 
 
@@ -702,6 +801,45 @@ def input_grad_by_bands(dy, weight, x_shape, stride, padding, dilation):
 
 
 # --------------------------------------------------------------------------- weight gradient: dW = dy . cols^T
+
+@register(WEIGHT_GRAD, "winograd", applies=winograd_applies, uses_memo=True,
+          reason="as the forward's: the adjoint of Winograd's F(2x2, 3x3), on the forward's transformed "
+                 "tiles where they were kept")
+def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
+    """``dW += C_x^T dy`` by the adjoint of :func:`forward_by_winograd`, band by band.
+
+    Per band: dM = (At kron At)^T of dy's 2x2 tiles, dU[k] += dM[k] V[k]^T (a
+    partial sum per band, added in band order), and at the end
+    dW = (G kron G)^T dU. V is the forward's where the layer kept it for this x.
+    """
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, (oh, ow))
+    accumulate = check_accumulate(accumulate, weight_shape, xp, dy.dtype, "conv_weight_grad")
+    cin = x.shape[1]
+    tiling = winograd.Tiling(x.shape, u.padding, u.out_hw)
+    kept = None if memo is None else memo.pop(_WINO_KEPT, None)
+    if kept is not None and kept[0] is x and kept[1] == _unfolding_key(u):
+        bands, tiles, halves = kept[2], kept[3], None
+    else:
+        bands, tiles, halves = _winograd_bands(xp, tiling, cin, x.itemsize), None, tiling.split_padded(x)
+    partial = [xp.zeros((16, cout, cin), dtype=dy.dtype) for _ in bands]
+
+    def one_band(index):
+        band = bands[index]
+        if tiles is not None:
+            v = tiles[index]
+        else:
+            v = winograd.input_tiles(tiling, halves, band, _band_tiles(None, tiling, band, cin, xp, x.dtype))
+        dm = winograd.output_tile_grads(tiling, dy, band)
+        partial[index] += xp.matmul(dm, v.transpose(0, 2, 1))   # (16, Cout, tiles) @ (16, tiles, Cin)
+
+    _run_winograd_bands(bands, one_band)
+    for extra in partial[1:]:
+        partial[0] += extra
+    accumulate += winograd.kernel_grad(partial[0])
+    return accumulate
+
 
 @register(WEIGHT_GRAD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 8, 8),
           reason=f"stride 1, <= 8 channels in and out (in batches of {SHIFTED_BATCH} or more: "
