@@ -23,8 +23,10 @@ import math
 import numpy as np
 
 from .backend import elementwise_kernel, get_array_module
+from .layers.columns import workspace
 from .module import Module, Parameter
-from .routes import register, run, select
+from .parallel import MIN_PIECE_BYTES, num_threads, run_pieces
+from .routes import register, select
 
 _CHUNK = 1 << 16  # elements updated at a time: a chunk of w, g, v and the scratch buffer (1 MiB in float32) stays in L2
 
@@ -142,6 +144,45 @@ def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=
         wc -= b
 
 
+def _shares(jobs, workers):
+    """The chunks ``(job, start, stop)`` of every job's flat parameter, cut into ``workers`` runs of
+    consecutive chunks with about equal numbers of elements."""
+    chunks = [(job, a, min(a + _CHUNK, job[0].size)) for job in jobs for a in range(0, job[0].size, _CHUNK)]
+    total = sum(b - a for _, a, b in chunks)
+    shares, done = [[]], 0
+    for chunk in chunks:
+        if done >= total * len(shares) / workers and shares[-1]:
+            shares.append([])
+        shares[-1].append(chunk)
+        done += chunk[2] - chunk[1]
+    return shares
+
+
+def update_chunks_on_threads(jobs) -> None:
+    """:func:`sgd_update_in_chunks` of every ``(w, g, v, lr, momentum, weight_decay, nesterov)`` in ``jobs``,
+    their chunks shared by the CPU threads (NumPy, and at least ``MIN_PIECE_BYTES`` of parameters; else here).
+
+    Memory-bound, and one core does not reach the memory's bandwidth: the recipe's update took 3.4 ms on one
+    thread and 2.0 on two (benchmarks/RESULTS.md). Each element is updated by the same operations whichever
+    thread takes it, so the result is the same bits at any thread count. The chunks are handed out once
+    per step, not per parameter (a pool round trip costs about as much as a small parameter's update).
+    """
+    if not jobs:
+        return
+    xp = get_array_module(jobs[0][0])
+    nbytes = sum(job[0].nbytes for job in jobs)
+    workers = num_threads() if xp.__name__ == "numpy" and nbytes >= MIN_PIECE_BYTES else 1
+
+    def update(share):
+        buffers = {}  # this thread's scratch, one per dtype
+        for (w, g, v, *rest), a, b in share:
+            if w.dtype not in buffers:
+                buffers[w.dtype] = workspace(xp, w.dtype, (_CHUNK,), "sgd chunk")
+            sgd_update_in_chunks(w[a:b], g[a:b], v[a:b], *rest, scratch=lambda: buffers[w.dtype])
+
+    run_pieces(_shares(jobs, max(1, workers)), update)
+
+
 class SGD:
     """Stochastic gradient descent.
 
@@ -154,7 +195,8 @@ class SGD:
     ``step()`` updates each parameter in place by the route
     :func:`minifcn.routes.select` picks: ``fused`` (CuPy: one kernel per
     parameter, :func:`fused_update`), ``chunked`` (NumPy: 2^16 elements at a
-    time through one scratch buffer, no temporary as large as a parameter) or,
+    time through a scratch buffer, no temporary as large as a parameter, the chunks
+    of all parameters shared by the CPU threads, :func:`update_chunks_on_threads`) or,
     under ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on
     whole arrays. ``SGD.route(p)`` names the route of ``p``.
     """
@@ -182,18 +224,10 @@ class SGD:
         self.named_params = named
         self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
         self.velocity = {name: get_array_module(p.data).zeros_like(p.data) for name, p in named}
-        self._scratch = {}
 
     def zero_grad(self) -> None:
         for _, p in self.named_params:
             p.zero_grad()
-
-    def _buffer(self, xp, dtype, size):
-        key = (xp.__name__, np.dtype(dtype).str)
-        buf = self._scratch.get(key)
-        if buf is None or buf.size < min(size, _CHUNK):
-            buf = self._scratch[key] = xp.empty(min(size, _CHUNK) if size > 0 else 1, dtype=dtype)
-        return buf
 
     @staticmethod
     def route(p: Parameter) -> str:
@@ -201,10 +235,16 @@ class SGD:
         return select(UPDATE, *_facts(p.data)).name
 
     def step(self) -> None:
+        chunked = []  # the parameters on the chunked route: their chunks are shared by the CPU threads below
         for name, p in self.named_params:
             w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
             args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
-            run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
+            chosen = select(UPDATE, *_facts(w))
+            if chosen.name == "chunked":
+                chunked.append(args)
+            else:
+                chosen.fn(*args)
+        update_chunks_on_threads(chunked)
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""

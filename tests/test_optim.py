@@ -289,3 +289,50 @@ def test_chunked_route_equals_the_textbook_update(momentum, weight_decay, nester
         result[mode] = [p.data for p in params] + list(opt.velocity.values())
     for a, b in zip(result["fast"], result["textbook"]):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_the_chunks_are_shared_by_the_threads_with_the_same_bits(monkeypatch):
+    """With two threads the chunks of all parameters go to two workers in one hand-out (about half the
+    elements each), and the update is the same bits as on one thread."""
+    import threading
+
+    monkeypatch.setattr(optim_module, "_CHUNK", 8)
+    monkeypatch.setattr(optim_module, "MIN_PIECE_BYTES", 0)
+    rng = np.random.default_rng(5)
+    start = [rng.standard_normal(shape).astype(np.float32) for shape in ((6, 7), (3,), (5, 9), (40,))]
+    grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in start] for _ in range(3)]
+    real = optim_module.sgd_update_in_chunks
+    seen = {}
+
+    def recorded(w, *args, **kwargs):
+        seen[threading.get_ident()] = seen.get(threading.get_ident(), 0) + w.size
+        return real(w, *args, **kwargs)
+
+    monkeypatch.setattr(optim_module, "sgd_update_in_chunks", recorded)
+    result = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("MINIFCN_NUM_THREADS", threads)
+        seen.clear()
+        params = [Parameter(w.copy()) for w in start]
+        opt = SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad[...] = g
+            opt.step()
+        result[threads] = [p.data for p in params] + list(opt.velocity.values())
+        total = 3 * sum(w.size for w in start)
+        assert len(seen) == int(threads) and sum(seen.values()) == total, seen
+        assert max(seen.values()) <= total / int(threads) + 3 * 8, seen  # balanced to a chunk a step
+    for a, b in zip(result["1"], result["2"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shares_keep_the_chunks_in_order_and_cover_them_once():
+    jobs = [(np.zeros(n),) for n in (5, 200_000, 3, 70_000)]
+    for workers in (1, 2, 3, 8):
+        shares = optim_module._shares(jobs, workers)
+        assert 1 <= len(shares) <= workers
+        flat = [(id(job[0]), a, b) for share in shares for job, a, b in share]
+        want = [(id(job[0]), a, min(a + optim_module._CHUNK, job[0].size))
+                for job in jobs for a in range(0, job[0].size, optim_module._CHUNK)]
+        assert flat == want
