@@ -69,6 +69,25 @@ def test_relu_gradient_at_zero_is_zero_and_inplace():
     np.testing.assert_array_equal(inplace.backward(np.full_like(x, 3.0)), [[[[0.0, 0.0, 3.0]]]])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 2, 300, 301), (7,), ()], ids=["nchw", "wide-plane", "1d", "0d"])
+def test_relu_keeps_nan_and_gives_maximums_bits(dtype, shape, rng, monkeypatch):
+    """max(x, 0) against a block of zeros (a plane, or a row past ZERO_BLOCK_MOST) is np.maximum(x, 0)
+    bit for bit: NaN stays NaN, -0.0 and infinities as they were."""
+    import minifcn.layers.activation as activation
+
+    monkeypatch.setattr(activation, "ZERO_BLOCK_MOST", 1000)  # the wide plane takes a row
+    x = rng.standard_normal(shape).astype(dtype)
+    special = np.array([np.nan, -np.nan, -0.0, 0.0, np.inf, -np.inf], dtype=dtype)
+    flat = x.reshape(-1)
+    flat[:min(flat.size, special.size)] = special[:flat.size]
+    want = np.maximum(x, 0)
+    got = ReLU()(x)
+    np.testing.assert_array_equal(np.atleast_1d(got).view(np.uint8), np.atleast_1d(want).view(np.uint8))
+    assert np.isnan(got.reshape(-1)[0])
+    assert activation._zero_block((1, 2, 300, 301)) == (301,) and activation._zero_block((2, 3, 5, 4)) == (5, 4)
+
+
 def test_relu_errors():
     layer = ReLU()
     with pytest.raises(RuntimeError, match=r"ReLU: backward called before forward"):
