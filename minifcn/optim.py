@@ -26,7 +26,7 @@ from .backend import elementwise_kernel, get_array_module
 from .layers.columns import workspace
 from .module import Module, Parameter
 from .parallel import MIN_PIECE_BYTES, num_threads, run_pieces
-from .routes import register, select
+from .routes import register, run, select
 
 _CHUNK = 1 << 16  # elements updated at a time: a chunk of w, g, v and the scratch buffer (1 MiB in float32) stays in L2
 
@@ -113,11 +113,37 @@ def sgd_update_fused(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None
     FUSED_UPDATES[get_array_module(w).__name__](w, g, v, lr, weight_decay, momentum, nesterov)
 
 
-@register(UPDATE, "chunked", reason="in place, 2^16 elements at a time through one reused scratch buffer (cache-sized)")
+@register(UPDATE, "chunked", reason="in place, 2^16 elements at a time through a reused scratch buffer "
+                                   "(cache-sized); a large parameter's chunks shared by the CPU threads")
 def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
-    """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer)."""
-    xp, mu, wd = get_array_module(w), momentum, weight_decay
+    """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer).
+
+    A NumPy parameter of ``MIN_PIECE_BYTES`` or more is cut into one run of whole chunks per CPU
+    thread, each thread with a scratch buffer of its own. The update is memory-bound and one core
+    does not reach the memory's bandwidth (the small FCN's fc6 and fc7, 89 % of its parameters: the
+    update took 3.4 ms on one thread, 2.7 on two on the AMD EPYC Zen 2; benchmarks/RESULTS.md). Every
+    element goes through the same operations whichever thread takes it: the same bits.
+    """
+    xp = get_array_module(w)
+    chunks = -(-w.size // _CHUNK)
+    workers = min(num_threads(), chunks) if xp.__name__ == "numpy" and w.nbytes >= MIN_PIECE_BYTES else 1
+    if workers > 1:
+        edges = [min(w.size, _CHUNK * (chunks * k // workers)) for k in range(workers + 1)]
+
+        def piece(bounds):
+            a, b = bounds
+            buf = workspace(xp, w.dtype, (min(_CHUNK, b - a),), "sgd chunk")  # this thread's own
+            _update_chunks(w[a:b], g[a:b], v[a:b], lr, momentum, weight_decay, nesterov, buf)
+
+        run_pieces(list(zip(edges, edges[1:])), piece)
+        return
     buf = scratch() if scratch is not None else xp.empty(min(w.size, _CHUNK) or 1, dtype=w.dtype)
+    _update_chunks(w, g, v, lr, momentum, weight_decay, nesterov, buf)
+
+
+def _update_chunks(w, g, v, lr, mu, wd, nesterov, buf):
+    """The update of flat w, g, v, ``buf.size`` elements at a time through ``buf``."""
+    xp = get_array_module(w)
     for start in range(0, w.size, buf.size):  # chunks of a flat parameter, not pixels
         sl = slice(start, start + buf.size)
         wc, gc, vc, b = w[sl], g[sl], v[sl], buf[: min(buf.size, w.size - start)]
@@ -144,45 +170,6 @@ def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=
         wc -= b
 
 
-def _shares(jobs, workers):
-    """The chunks ``(job, start, stop)`` of every job's flat parameter, cut into ``workers`` runs of
-    consecutive chunks with about equal numbers of elements."""
-    chunks = [(job, a, min(a + _CHUNK, job[0].size)) for job in jobs for a in range(0, job[0].size, _CHUNK)]
-    total = sum(b - a for _, a, b in chunks)
-    shares, done = [[]], 0
-    for chunk in chunks:
-        if done >= total * len(shares) / workers and shares[-1]:
-            shares.append([])
-        shares[-1].append(chunk)
-        done += chunk[2] - chunk[1]
-    return shares
-
-
-def update_chunks_on_threads(jobs) -> None:
-    """:func:`sgd_update_in_chunks` of every ``(w, g, v, lr, momentum, weight_decay, nesterov)`` in ``jobs``,
-    their chunks shared by the CPU threads (NumPy, and at least ``MIN_PIECE_BYTES`` of parameters; else here).
-
-    Memory-bound, and one core does not reach the memory's bandwidth: the recipe's update took 3.4 ms on one
-    thread and 2.0 on two (benchmarks/RESULTS.md). Each element is updated by the same operations whichever
-    thread takes it, so the result is the same bits at any thread count. The chunks are handed out once
-    per step, not per parameter (a pool round trip costs about as much as a small parameter's update).
-    """
-    if not jobs:
-        return
-    xp = get_array_module(jobs[0][0])
-    nbytes = sum(job[0].nbytes for job in jobs)
-    workers = num_threads() if xp.__name__ == "numpy" and nbytes >= MIN_PIECE_BYTES else 1
-
-    def update(share):
-        buffers = {}  # this thread's scratch, one per dtype
-        for (w, g, v, *rest), a, b in share:
-            if w.dtype not in buffers:
-                buffers[w.dtype] = workspace(xp, w.dtype, (_CHUNK,), "sgd chunk")
-            sgd_update_in_chunks(w[a:b], g[a:b], v[a:b], *rest, scratch=lambda: buffers[w.dtype])
-
-    run_pieces(_shares(jobs, max(1, workers)), update)
-
-
 class SGD:
     """Stochastic gradient descent.
 
@@ -195,8 +182,8 @@ class SGD:
     ``step()`` updates each parameter in place by the route
     :func:`minifcn.routes.select` picks: ``fused`` (CuPy: one kernel per
     parameter, :func:`fused_update`), ``chunked`` (NumPy: 2^16 elements at a
-    time through a scratch buffer, no temporary as large as a parameter, the chunks
-    of all parameters shared by the CPU threads, :func:`update_chunks_on_threads`) or,
+    time through one scratch buffer, no temporary as large as a parameter; a
+    large parameter's chunks shared by the CPU threads) or,
     under ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on
     whole arrays. ``SGD.route(p)`` names the route of ``p``.
     """
@@ -224,10 +211,18 @@ class SGD:
         self.named_params = named
         self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
         self.velocity = {name: get_array_module(p.data).zeros_like(p.data) for name, p in named}
+        self._scratch = {}
 
     def zero_grad(self) -> None:
         for _, p in self.named_params:
             p.zero_grad()
+
+    def _buffer(self, xp, dtype, size):
+        key = (xp.__name__, np.dtype(dtype).str)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < min(size, _CHUNK):
+            buf = self._scratch[key] = xp.empty(min(size, _CHUNK) if size > 0 else 1, dtype=dtype)
+        return buf
 
     @staticmethod
     def route(p: Parameter) -> str:
@@ -235,16 +230,10 @@ class SGD:
         return select(UPDATE, *_facts(p.data)).name
 
     def step(self) -> None:
-        chunked = []  # the parameters on the chunked route: their chunks are shared by the CPU threads below
         for name, p in self.named_params:
             w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
             args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
-            chosen = select(UPDATE, *_facts(w))
-            if chosen.name == "chunked":
-                chunked.append(args)
-            else:
-                chosen.fn(*args)
-        update_chunks_on_threads(chunked)
+            run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""
