@@ -325,7 +325,10 @@ def test_a_large_parameters_chunks_are_shared_by_the_threads_with_the_same_bits(
         result[threads] = [p.data for p in params] + list(opt.velocity.values())
         if threads == "2":  # a step: 42 and 3 whole, 145 as 72 + 73, 400 as 200 + 200 (in chunks of 8)
             assert sorted(size for _, size in seen[:6]) == [3, 42, 72, 73, 200, 200], seen[:6]
-            assert len(seen) == 3 * 6 and len({ident for ident, _ in seen}) == 2
+            assert len(seen) == 3 * 6
+            for step in range(3):  # the two runs of a cut parameter on two threads (of the pool, which may be larger)
+                pieces = seen[6 * step:6 * step + 6]
+                assert len({ident for ident, size in pieces if size in (72, 73)}) == 2, pieces
         else:
             assert len({ident for ident, _ in seen}) == 1 and len(seen) == 3 * len(start)
     for a, b in zip(result["1"], result["2"]):
