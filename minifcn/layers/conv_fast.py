@@ -417,8 +417,8 @@ def _run_winograd_bands(bands, one_band):
 
 @register(FORWARD, "winograd", applies=winograd_applies, uses_memo=True,
           reason=f"3x3, stride 1, batches of >= {WINOGRAD_LEAST_BATCH}, >= {WINOGRAD_LEAST_CHANNELS} channels "
-                 "in and out, small maps: Winograd F(2x2, 3x3), 16 products of transformed 4x4 tiles, "
-                 "4 multiplications an output instead of 9")
+                 f"in and out, <= {WINOGRAD_MOST_OUTPUTS} outputs a map: Winograd F(2x2, 3x3), 16 products of "
+                 "transformed 4x4 tiles, 4 multiplications an output instead of 9")
 def forward_by_winograd(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
     """``C x (+ b)`` for a 3x3 kernel at stride 1 by Winograd's F(2x2, 3x3), band by band.
 
