@@ -2,8 +2,8 @@
 
 For each of Conv2d and ConvTranspose2d, 72 random geometries (biased towards
 the cases the fast routes exist for: 1x1, stride 1, stride dividing the
-kernel, stride 1 with 4 to 8 channels, 3x3 at stride 1; half of them with runs of repeated rows and columns in the input,
-for the ``repeated-lines`` routes), each with forward, input gradient and weight gradient computed under
+kernel, stride 1 with 4 to 8 channels, 3x3 at stride 1; half of them with runs
+of repeated rows and columns in the input, for the ``repeated-lines`` routes), each with forward, input gradient and weight gradient computed under
 ``route("textbook")`` and ``route("fast")``: they agree to 1e-10 relative.
 Every fast route is exercised, and each fast route function called on its own
 agrees with the textbook function wherever its rule applies.

@@ -177,7 +177,7 @@ def output_tile_grads(tiling, dy, band):
     xp = get_array_module(dy)
     n0, n1, p0, p1 = band
     cout = dy.shape[1]
-    (th, tw), (oh, ow) = tiling.tiles_hw, tiling.out_hw
+    tw, (oh, ow) = tiling.tiles_hw[1], tiling.out_hw
     nb, pb = n1 - n0, p1 - p0
     dyt = workspace(xp, dy.dtype, (2, 2, cout, nb, pb, tw), "winograd dy tiles")
     for i in range(2):
