@@ -431,7 +431,7 @@ def forward_by_winograd(x, weight, stride, padding, dilation, out_hw=None, bias=
     u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
     cin = x.shape[1]
     tiling = winograd.Tiling(x.shape, u.padding, u.out_hw)
-    quarters = tiling.quarters(x)
+    halves = tiling.split_padded(x)
     kernels = winograd.transformed_kernels(weight)
     y = xp.empty((x.shape[0], cout) + u.out_hw, dtype=x.dtype)
     bands = _winograd_bands(xp, tiling, cin, x.itemsize)
@@ -440,7 +440,7 @@ def forward_by_winograd(x, weight, stride, padding, dilation, out_hw=None, bias=
 
     def one_band(index):
         band = bands[index]
-        v = winograd.input_tiles(tiling, quarters, band, _band_tiles(kept, tiling, band, cin, xp, x.dtype))
+        v = winograd.input_tiles(tiling, halves, band, _band_tiles(kept, tiling, band, cin, xp, x.dtype))
         winograd.forward_band(tiling, kernels, v, band, y, bias)
         tiles[index] = v
 
@@ -820,9 +820,9 @@ def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accu
     tiling = winograd.Tiling(x.shape, u.padding, u.out_hw)
     kept = None if memo is None else memo.pop(_WINO_KEPT, None)
     if kept is not None and kept[0] is x and kept[1] == _unfolding_key(u):
-        bands, tiles, quarters = kept[2], kept[3], None
+        bands, tiles, halves = kept[2], kept[3], None
     else:
-        bands, tiles, quarters = _winograd_bands(xp, tiling, cin, x.itemsize), None, tiling.quarters(x)
+        bands, tiles, halves = _winograd_bands(xp, tiling, cin, x.itemsize), None, tiling.split_padded(x)
     partial = [xp.zeros((16, cout, cin), dtype=dy.dtype) for _ in bands]
 
     def one_band(index):
@@ -830,7 +830,7 @@ def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accu
         if tiles is not None:
             v = tiles[index]
         else:
-            v = winograd.input_tiles(tiling, quarters, band, _band_tiles(None, tiling, band, cin, xp, x.dtype))
+            v = winograd.input_tiles(tiling, halves, band, _band_tiles(None, tiling, band, cin, xp, x.dtype))
         dm = winograd.output_tile_grads(tiling, dy, band)
         partial[index] += xp.matmul(dm, v.transpose(0, 2, 1))   # (16, Cout, tiles) @ (16, tiles, Cin)
 

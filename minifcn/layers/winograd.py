@@ -70,21 +70,18 @@ class Tiling:
 
     ``tiles_hw = (th, tw)``: ceil(OH/2) x ceil(OW/2) tiles; the padded grid is
     (2 th + 2) x (2 tw + 2), zeros past the padding (they reach only outputs
-    past OH, OW, which are dropped). A row of tiles in V holds ``width = tw + 1``
-    tiles, the last one junk (dropped at the end): then every tile position's
-    values are one contiguous run of the padded grid's quarters, band by band.
+    past OH, OW, which are dropped).
     """
 
     def __init__(self, x_shape, padding, out_hw):
         self.x_shape = tuple(int(s) for s in x_shape)
         self.padding, self.out_hw = tuple(padding), tuple(out_hw)
         self.tiles_hw = (-(-self.out_hw[0] // 2), -(-self.out_hw[1] // 2))
-        self.width = self.tiles_hw[1] + 1
 
     @property
     def tiles(self):
-        """Columns of V: N * th * width (the junk tiles included)."""
-        return self.x_shape[0] * self.tiles_hw[0] * self.width
+        n = self.x_shape[0]
+        return n * self.tiles_hw[0] * self.tiles_hw[1]
 
     def bands(self, pieces):
         """About ``pieces`` bands ``(n0, n1, p0, p1)``: images n0..n1, tile rows p0..p1 of each."""
@@ -100,45 +97,38 @@ class Tiling:
     def columns(self, band):
         """The band's range of tile columns of V and M."""
         n0, n1, p0, p1 = band
-        th = self.tiles_hw[0]
-        return (n0 * th + p0) * self.width, ((n1 - 1) * th + p1) * self.width
+        th, tw = self.tiles_hw
+        return (n0 * th + p0) * tw, ((n1 - 1) * th + p1) * tw
 
-    def quarters(self, x):
-        """The padded grid cut by the parities of its rows and columns, flattened:
-        ``quarters[r, s, n, c, P * width + Q] = xpad[n, c, 2P + r, 2Q + s]``, shape
-        (2, 2, N, C, (th + 1) * width + 1) (one zero past the end for the last junk tile)."""
+    def split_padded(self, x):
+        """The padded grid's even and odd columns, each (N, C, 2 th + 2, tw + 1), so that every
+        tile read is a contiguous run of a row (two copies of x instead of strided reads later)."""
         xp = get_array_module(x)
         n, c, h, w = self.x_shape
-        (th, tw), (ph, pw), width = self.tiles_hw, self.padding, self.width
-        out = xp.zeros((2, 2, n, c, (th + 1) * width + 1), dtype=x.dtype)
-        grid = out[:, :, :, :, :(th + 1) * width].reshape(2, 2, n, c, th + 1, width)
-        for r in (0, 1):
-            rows = _parity_run(h, ph, r, th + 1)            # x rows k with k + ph = 2P + r
-            for s in (0, 1):
-                cols = _parity_run(w, pw, s, width)
-                if rows[2] > 0 and cols[2] > 0:
-                    (k0, p0, nr), (j0, q0, nc) = rows, cols
-                    grid[r, s, :, :, p0:p0 + nr, q0:q0 + nc] = x[:, :, k0:k0 + 2 * nr - 1:2, j0:j0 + 2 * nc - 1:2]
-        return out
+        (th, tw), (ph, pw) = self.tiles_hw, self.padding
+        hp = 2 * th + 2
+        rows = min(h, hp - ph)                          # x rows that land on the grid
+        halves = []
+        for parity in (0, 1):
+            half = xp.zeros((n, c, hp, tw + 1), dtype=x.dtype)
+            first = (parity - pw) % 2                   # x columns j with j + pw of this parity
+            start = (first + pw) // 2                   # ... land on half column (j + pw) // 2
+            count = max(0, min(len(range(first, w, 2)), tw + 1 - start))
+            if rows > 0 and count > 0:
+                half[:, :, ph:ph + rows, start:start + count] = x[:, :, :rows, first:first + 2 * count - 1:2]
+            halves.append(half)
+        return halves
 
-    def gather_input(self, quarters, band, out):
-        """The band's 4x4 input tiles, ``out[4i + j, c, n, p, q] = xpad[n, c, 2p + i, 2q + j]``:
-        (16, C, nb, pb * width), each one contiguous run of a quarter per image and channel."""
+    def gather_input(self, halves, band, out):
+        """The band's 4x4 input tiles, ``out[4i + j, c, n, p, q] = xpad[n, c, 2p + i, 2q + j]``: (16, C, nb, pb, tw)."""
         n0, n1, p0, p1 = band
-        length = (p1 - p0) * self.width
+        tw = self.tiles_hw[1]
         for i in range(4):
+            rows = slice(2 * p0 + i, 2 * (p1 - 1) + i + 1, 2)
             for j in range(4):
-                start = (p0 + i // 2) * self.width + j // 2   # padded (2p + i, 2q + j) is quarter (p + i//2, q + j//2)
-                out[4 * i + j] = quarters[i % 2, j % 2, n0:n1, :, start:start + length].transpose(1, 0, 2)
+                half = halves[j % 2]                    # padded column 2q + j is half column q + j // 2
+                out[4 * i + j] = half[n0:n1, :, rows, j // 2:j // 2 + tw].transpose(1, 0, 2, 3)
         return out
-
-
-def _parity_run(size, pad, parity, most):
-    """(first x index, first quarter index, count) of the x indices k with (k + pad) % 2 == parity,
-    at quarter index (k + pad) // 2 < most."""
-    first = (parity - pad) % 2
-    start = (first + pad) // 2
-    return first, start, max(0, min(len(range(first, size, 2)), most - start))
 
 
 def transformed_kernels(weight):
@@ -149,13 +139,13 @@ def transformed_kernels(weight):
     return xp.matmul(_constant(_KERNEL, xp, weight.dtype), flat).reshape(16, cout, cin)
 
 
-def input_tiles(tiling, quarters, band, out):
+def input_tiles(tiling, halves, band, out):
     """V of one band: (B^T d B) of its tiles, (16, Cin, band tiles), written into ``out``."""
     xp = get_array_module(out)
     n0, n1, p0, p1 = band
-    cin = tiling.x_shape[1]
-    d = workspace(xp, out.dtype, (16, cin, n1 - n0, (p1 - p0) * tiling.width), "winograd input tiles")
-    tiling.gather_input(quarters, band, d)
+    cin, tw = tiling.x_shape[1], tiling.tiles_hw[1]
+    d = workspace(xp, out.dtype, (16, cin, n1 - n0, p1 - p0, tw), "winograd input tiles")
+    tiling.gather_input(halves, band, d)
     xp.matmul(_constant(_INPUT, xp, out.dtype), d.reshape(16, -1), out=out.reshape(16, -1))
     return out
 
@@ -164,13 +154,13 @@ def forward_band(tiling, u, v, band, y, bias=None):
     """Output rows of one band into y (N, Cout, OH, OW): M = U V, then (At kron At) M, tile by tile."""
     xp = get_array_module(v)
     n0, n1, p0, p1 = band
-    cout, width = u.shape[1], tiling.width
+    cout, tw = u.shape[1], tiling.tiles_hw[1]
     nb, pb = n1 - n0, p1 - p0
     m = workspace(xp, v.dtype, (16, cout, v.shape[2]), "winograd products")
     xp.matmul(u, v, out=m)                                                      # 16 products (Cout, Cin) @ (Cin, tiles)
     tiles = workspace(xp, v.dtype, (4, cout * v.shape[2]), "winograd output tiles")
     xp.matmul(_constant(_OUTPUT, xp, v.dtype), m.reshape(16, -1), out=tiles)
-    tiles = tiles.reshape(2, 2, cout, nb, pb, width)
+    tiles = tiles.reshape(2, 2, cout, nb, pb, tw)
     oh, ow = tiling.out_hw
     for i in range(2):
         rows = range(2 * p0 + i, min(2 * p1, oh), 2)                          # output rows 2p + i of the band
@@ -187,9 +177,9 @@ def output_tile_grads(tiling, dy, band):
     xp = get_array_module(dy)
     n0, n1, p0, p1 = band
     cout = dy.shape[1]
-    width, (oh, ow) = tiling.width, tiling.out_hw
+    tw, (oh, ow) = tiling.tiles_hw[1], tiling.out_hw
     nb, pb = n1 - n0, p1 - p0
-    dyt = workspace(xp, dy.dtype, (2, 2, cout, nb, pb, width), "winograd dy tiles")
+    dyt = workspace(xp, dy.dtype, (2, 2, cout, nb, pb, tw), "winograd dy tiles")
     for i in range(2):
         rows = range(2 * p0 + i, min(2 * p1, oh), 2)
         for j in range(2):
@@ -198,9 +188,9 @@ def output_tile_grads(tiling, dy, band):
             part[:, :, len(rows):] = 0
             part[:, :, :, len(cols):] = 0
             part[:, :, :len(rows), :len(cols)] = dy[n0:n1, :, rows.start:rows.stop:2, j:ow:2].transpose(1, 0, 2, 3)
-    dm = workspace(xp, dy.dtype, (16, cout * nb * pb * width), "winograd product grads")
+    dm = workspace(xp, dy.dtype, (16, cout * nb * pb * tw), "winograd product grads")
     xp.matmul(_constant(_OUTPUT, xp, dy.dtype).T, dyt.reshape(4, -1), out=dm)
-    return dm.reshape(16, cout, nb * pb * width)
+    return dm.reshape(16, cout, nb * pb * tw)
 
 
 def kernel_grad(du):
