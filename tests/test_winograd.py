@@ -150,6 +150,26 @@ def test_a_training_layer_keeps_its_tiles_for_the_weight_gradient(xp):
         assert conv_fast._WINO_KEPT not in layer._cache[2]
 
 
+def test_tiles_past_the_keep_budget_are_recomputed(monkeypatch):
+    """V larger than WINOGRAD_KEEP_BYTES is not kept: the weight gradient transforms x again, to the same numbers."""
+    rng = np.random.default_rng(6)
+    layer, x = _layer_and_batch(rng, np.float64)
+    dy = rng.standard_normal(layer.output_shape(x.shape))
+    tiles = 16 * x.shape[1] * winograd.Tiling(x.shape, (1, 1), x.shape[2:]).tiles
+    monkeypatch.setattr(conv_fast, "WINOGRAD_KEEP_BYTES", tiles * 8 - 8)  # one value too few
+    with route("fast"):
+        layer.zero_grad()
+        layer(x)
+        assert conv_fast._WINO_KEPT not in layer._cache[2] and not layer._across_calls
+        layer.backward(dy)
+    want = routes.textbook(WEIGHT_GRAD).fn(dy, x, layer.weight.shape, *GEOMETRY)
+    assert max_rel_err(layer.weight.grad, want) < 1e-12
+    monkeypatch.setattr(conv_fast, "WINOGRAD_KEEP_BYTES", tiles * 8)
+    with route("fast"):
+        layer(x)
+    assert conv_fast._WINO_KEPT in layer._cache[2]
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_a_layer_on_the_route_equals_the_textbook_route(dtype, tol):
     """A whole training pass of the layer (forward, backward: dx, dW, db) by the fast routes and the textbook."""

@@ -370,6 +370,7 @@ WINOGRAD_LEAST_BATCH = 4         # fewer images: slower in a step (one image), n
 WINOGRAD_LEAST_CHANNELS = 32     # fewer channels in or out: the transforms cost more than the products save
 WINOGRAD_MOST_OUTPUTS = 48 * 48  # larger maps: not measured faster (the 66 x 66 and 131 x 131 maps were not)
 WINOGRAD_MIN_BAND_BYTES = 256 << 10  # less V than this a thread: fewer bands
+WINOGRAD_KEEP_BYTES = 64 << 20       # a layer keeps at most this much V for its weight gradient (else recomputed)
 _WINO_KEPT = ("winograd", "the forward's tiles")        # memo: (x, its unfolding's key, bands, V of each band)
 _WINO_BUFFER = ("winograd", "buffer of the tiles")      # memo[ACROSS_CALLS]: the layer's flat buffer
 
@@ -392,8 +393,11 @@ def _winograd_bands(xp, tiling, cin, itemsize):
 
 
 def _winograd_tiles_to_keep(memo, xp, dtype, size):
-    """The layer's flat buffer for the forward's V (``size`` values), or None where V is not kept."""
+    """The layer's flat buffer for the forward's V (``size`` values), or None where V is not kept
+    (no weight gradient follows, or V exceeds ``WINOGRAD_KEEP_BYTES``)."""
     if memo is None or not memo.get(KEEP_COLUMNS) or ACROSS_CALLS not in memo:
+        return None
+    if size * dtype.itemsize > WINOGRAD_KEEP_BYTES:
         return None
     kept = memo[ACROSS_CALLS]
     buf = kept.get(_WINO_BUFFER)
