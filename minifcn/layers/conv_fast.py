@@ -362,13 +362,13 @@ def forward_by_blocks(x, weight, stride, padding, dilation, out_hw=None, bias=No
 # its output by one thread at one BLAS thread. In training the forward's V (16
 # values a tile and input channel: 4/9 of im2col's columns) stays in a buffer of
 # the layer's for the weight gradient (without it the small case's step gained
-# half as much). Rule (benchmarks/RESULTS.md, "Winograd"): measured on the Zen 2,
+# less than half as much). Rule (benchmarks/RESULTS.md, "Winograd"): measured on the Zen 2,
 # it paid in batches, on 32 and 64 channels, on maps up to 37 x 37; at batch 1
 # the recipe's step was 7 to 13 % slower with it, though its layers alone were faster.
 
-WINOGRAD_LEAST_BATCH = 4         # fewer images: slower in a step (one image), no faster alone (two)
+WINOGRAD_LEAST_BATCH = 4         # fewer images: slower in a step (one image), mixed alone (two: 0.81 to 1.21)
 WINOGRAD_LEAST_CHANNELS = 32     # fewer channels in or out: the transforms cost more than the products save
-WINOGRAD_MOST_OUTPUTS = 48 * 48  # larger maps: not measured faster (the 66 x 66 and 131 x 131 maps were not)
+WINOGRAD_MOST_OUTPUTS = 48 * 48  # larger maps: the small step no faster without the limit (0.942 against 0.932)
 WINOGRAD_MIN_BAND_BYTES = 256 << 10  # less V than this a thread: fewer bands
 WINOGRAD_KEEP_BYTES = 64 << 20       # a layer keeps at most this much V for its weight gradient (else recomputed)
 _WINO_KEPT = ("winograd", "the forward's tiles")        # memo: (x, its unfolding's key, bands, V of each band)
