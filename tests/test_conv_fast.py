@@ -364,3 +364,15 @@ def test_kept_columns_serve_only_the_input_they_were_made_of(monkeypatch):
     with route("fast"):
         fresh(x)
     assert conv_fast._KEPT not in fresh._cache[2] and not fresh._across_calls
+    assert conv_fast._KEPT not in fresh._cache[2] and not fresh._across_calls
+
+
+def test_the_facts_of_a_geometry_are_built_once():
+    from minifcn.layers.conv_fast import conv_facts, padding_core
+
+    u, cout = conv_facts((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (100, 100), (1, 1))
+    again = conv_facts([2, 3, 9, 8], np.zeros((4, 3, 3, 3)).shape, [1, 1], (100, 100), (1, 1), None)
+    assert again[0] is u and again[1] == cout == 4 and isinstance(cout, int)
+    assert conv_facts((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (99, 100), (1, 1))[0] is not u
+    assert conv_facts((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (100, 100), (1, 1), (200, 200))[0] is not u
+    assert padding_core(u) is padding_core(u) and padding_core(u)[2] == (2, 2)  # 100 - 98, the core's padding

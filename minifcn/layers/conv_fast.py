@@ -46,6 +46,8 @@ measurements that led to them are in ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
+import functools
+
 from ..backend import get_array_module
 from ..parallel import num_threads, run_bands, workers_for
 from ..routes import ACROSS_CALLS, register, run
@@ -62,9 +64,23 @@ FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weig
 SHIFTED_BAND_BYTES = {"numpy": 320 << 10, "cupy": 0}
 
 
+FACTS_KEPT = 256  # geometries whose facts are remembered (a training run sees a few dozen)
+
+
 def conv_facts(x_shape, weight_shape, stride, padding, dilation, out_hw=None):
-    """The facts a convolution route's rule reads: (Unfolding of the input, output channels)."""
-    return Unfolding(x_shape, weight_shape[2:], stride, padding, dilation, out_hw), int(weight_shape[0])
+    """The facts a convolution route's rule reads: (Unfolding of the input, output channels).
+
+    They depend on the geometry alone, and a layer asks for them at every pass, so the same
+    geometry gets the same (never modified) objects back, and what is derived from them once
+    (:func:`padding_core`) is remembered with them: about 2 % of the small FCN's step went to
+    building them again (benchmarks/RESULTS.md)."""
+    return _facts_of(tuple(map(int, x_shape)), tuple(map(int, weight_shape)), tuple(stride), tuple(padding),
+                     tuple(dilation), None if out_hw is None else tuple(map(int, out_hw)))
+
+
+@functools.lru_cache(maxsize=FACTS_KEPT)
+def _facts_of(x_shape, weight_shape, stride, padding, dilation, out_hw):
+    return Unfolding(x_shape, weight_shape[2:], stride, padding, dilation, out_hw), weight_shape[0]
 
 
 # --------------------------------------------------------------------------- outputs that see only padding
@@ -91,6 +107,7 @@ def _core_axis(size, kernel, stride, padding, dilation, out):
     return o0, o1, reduced
 
 
+@functools.lru_cache(maxsize=FACTS_KEPT)  # u: the same object for the same geometry (conv_facts)
 def padding_core(u):
     """``((r0, r1), (c0, c1), reduced padding)``: the window of outputs of ``u`` that see its input, or None."""
     axes = [_core_axis(size, k, s, p, d, out) for size, k, s, p, d, out in
