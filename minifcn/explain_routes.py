@@ -9,8 +9,8 @@ that geometry in the current mode, the route's one-line reason and the FLOPs
 geometry comes from the model's declared wiring (:func:`minifcn.models.trace.fcn_blobs`)
 and each layer's own ``route_facts``, the very facts its ``forward`` and
 ``backward`` hand to ``select``: a test spies on the route functions during a
-training step and finds exactly the routes of this table. The SGD update is
-the last row. ReLU, Dropout, Crop and Add have one implementation each.
+training step and finds exactly the routes of this table. Zeroing the gradients
+and the SGD update are the last two rows. ReLU, Dropout, Crop and Add have one implementation each.
 
 With ``time=True`` each pass is run by its textbook route and by the route the
 fast mode picks, and both medians are reported: a convolution's forward and weight
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import optim, routes  # noqa: F401 (optim registers the SGD update routes)
+from .module import ZERO_GRAD
 from .backend import get_array_module
 from .layers import Conv2d, ConvTranspose2d, MaxPool2d
 
@@ -169,6 +170,8 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
                 row.textbook_ms, row.fast_ms = _timings(row, layer, facts, dtype, repeats, rng, x, memo)
             rows.append(row)
     size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
+    chosen = routes.select(ZERO_GRAD)
+    rows.append(RouteRow("(all)", "Parameter", "zero grad", ZERO_GRAD, chosen.name, chosen.reason, (size_all,), 0))
     chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)
     rows.append(RouteRow("(all)", "SGD", "update", "sgd_update", chosen.name, chosen.reason, (size_all,),
                          6 * size_all))

@@ -5,6 +5,13 @@ needs, and an explicit ``backward(dy)`` that returns the input gradient and
 *accumulates* (``+=``) into each parameter's ``.grad``. There is no autograd:
 a model's backward calls its layers' backward in reverse order by hand.
 
+``zero_grad`` has two routes (``minifcn explain routes`` names the one in force): the
+textbook one writes zeros into every gradient at once; the ``lazy`` one only marks them
+zero, so the first backward pass that reaches a parameter *stores* its contribution
+instead of adding it (:meth:`Parameter.grad_for_backward`), and anyone else who reads
+``.grad`` first gets the zeros written then. The same numbers, without one pass over
+every gradient and one read of it per step (PyTorch's ``set_to_none`` saves the same).
+
 The rule of the saved input (as in PyTorch): a layer may keep the array its
 forward was given, without copying it, until its backward. Do not change that
 array in place in between; change it after backward, or pass a copy. The
@@ -19,6 +26,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .backend import check_device, get_array_module, to_device
+from .routes import register, run
 
 
 class Parameter:
@@ -27,6 +35,7 @@ class Parameter:
     Attributes:
         data: the array (NumPy or CuPy), any shape.
         grad: an array of the same shape and dtype; backward passes add into it.
+            Assigning an array replaces it (the distributed buckets make it a view).
         trainable: False for parameters an optimiser must leave alone (for
             example FCN's fixed bilinear upsampling kernels).
         lr_mult, decay_mult: per-parameter multipliers of the optimiser's
@@ -41,6 +50,24 @@ class Parameter:
         self.decay_mult = float(decay_mult)
 
     @property
+    def grad(self):
+        if self._zeroed_lazily:  # zero_grad's lazy route: the zeros are written now, when first read
+            self._grad[...] = 0
+            self._zeroed_lazily = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad, self._zeroed_lazily = value, False
+
+    def grad_for_backward(self):
+        """``(grad, overwrite)``: the array a backward pass puts its contribution to the gradient in,
+        and whether it must *store* it there (every element) rather than add it: True for the first
+        pass after a lazy :meth:`zero_grad`, when the array still holds the last step's numbers."""
+        overwrite, self._zeroed_lazily = self._zeroed_lazily, False
+        return self._grad, overwrite
+
+    @property
     def shape(self):
         return self.data.shape
 
@@ -53,11 +80,26 @@ class Parameter:
         return int(self.data.size)
 
     def zero_grad(self) -> None:
-        self.grad[...] = 0
+        """Make the gradient zero, by the route of :data:`ZERO_GRAD` in force (see the module docstring)."""
+        run(ZERO_GRAD, (), self)
 
     def __repr__(self) -> str:
         flag = "" if self.trainable else ", fixed"
         return f"Parameter(shape={tuple(self.shape)}, dtype={self.dtype}{flag})"
+
+
+ZERO_GRAD = "zero_grad"
+
+
+@register(ZERO_GRAD, "textbook", textbook=True, reason="zeros written into the gradient now")
+def write_zeros(p: Parameter) -> None:
+    p.grad[...] = 0
+
+
+@register(ZERO_GRAD, "lazy", reason="the gradient marked zero: the first backward pass stores instead of adding, "
+                                    "a reader before it gets the zeros written then")
+def mark_zero(p: Parameter) -> None:
+    p._zeroed_lazily = True
 
 
 class Module:

@@ -2,7 +2,7 @@
 
 Every linear operation with more than one implementation (convolution forward,
 input gradient and weight gradient, max pooling forward and backward, the SGD
-update) has a *textbook* route, the maths as a student writes it, and fast
+update, zeroing a gradient) has a *textbook* route, the maths as a student writes it, and fast
 routes, each a named function with an applicability rule and a one-line
 reason. :func:`select` is the only place that picks one:
 

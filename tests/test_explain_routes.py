@@ -22,7 +22,8 @@ from minifcn.models.trace import fcn_flops
 from minifcn.optim import SGD
 
 OPERATIONS = ("conv_forward", "conv_input_grad", "conv_weight_grad", "maxpool_forward", "maxpool_input_grad",
-              "sgd_update")
+              "sgd_update", "zero_grad")
+WHOLE_MODEL = ("sgd_update", "zero_grad")  # one call per parameter, one row for the model
 
 
 def _conv_key(u, cout):
@@ -44,7 +45,7 @@ def _call_key(op, args):
         return tuple(args[1].shape)          # y
     if op == "maxpool_input_grad":
         return tuple(args[0].shape)          # dy
-    return None                              # SGD: one call per parameter
+    return None                              # SGD and zero_grad: one call per parameter
 
 
 def _row_key(row, model):
@@ -85,22 +86,23 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
         labels = np.random.default_rng(1).integers(0, 5, (batch, size, size))
         loss = SoftmaxCrossEntropy()
+        optimizer.zero_grad()
         loss(model(x), labels)
         model.backward(loss.backward())
         optimizer.step()
-    ran = Counter((op, name, key) for op, name, key in spy if op != "sgd_update")
+    ran = Counter((op, name, key) for op, name, key in spy if op not in WHOLE_MODEL)
     table = Counter((r.operation, r.route, _row_key(r, model)) for r in rows
-                    if r.operation is not None and r.operation != "sgd_update")
+                    if r.operation is not None and r.operation not in WHOLE_MODEL)
     assert ran == table
-    sgd_routes = {name for op, name, _ in spy if op == "sgd_update"}
-    assert sgd_routes == {rows[-1].route}
-    assert sum(1 for op, _, _ in spy if op == "sgd_update") == len(optimizer.named_params)
+    for row, op in zip(rows[-2:], ("zero_grad", "sgd_update")):
+        assert row.operation == op and {name for o, name, _ in spy if o == op} == {row.route}
+        assert sum(1 for o, _, _ in spy if o == op) == len(optimizer.named_params)
     names = {r.route for r in rows} | {r.hands_over_to for r in rows if r.hands_over_to}
     if mode == "textbook":
         assert names == {"textbook", "-"}
     else:  # FCN-8s takes every kind of fast route somewhere (or hands over to it where the data has no runs)
         assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
-                "chunked", "padding-core", "repeated-lines", "row-shifted"} <= names
+                "chunked", "padding-core", "repeated-lines", "row-shifted", "lazy"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
     assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad")}
 
@@ -119,10 +121,10 @@ def test_every_layer_and_pass_is_listed(width, size, monkeypatch):
     layers = [name for name in dict(model.named_modules()) if isinstance(getattr(model, name, None),
                                                                             (Conv2d, ConvTranspose2d, MaxPool2d))]
     assert len(layers) == 13 + 2 + 3 + 5 + 3  # VGG convs, fc6-7, score layers, pools, upsamplings
-    listed = Counter(r.layer for r in rows[:-1])
+    listed = Counter(r.layer for r in rows[:-2])  # (the last two rows: zero grad and the update)
     for name in layers:
         assert listed[name] == (2 if isinstance(getattr(model, name), MaxPool2d) else 3), name
-    assert {r.pass_name for r in rows[:-1]} == set(PASSES)
+    assert {r.pass_name for r in rows[:-2]} == set(PASSES)
     # forward FLOPs are the model's (trace.fcn_flops, from the same wiring)
     forward = {r.layer: r.flops for r in rows if r.pass_name == "forward" and r.kind != "MaxPool2d"}
     assert forward == fcn_flops(model, size, size)
@@ -133,7 +135,7 @@ def test_every_layer_and_pass_is_listed(width, size, monkeypatch):
 def test_timed_table_has_both_columns():
     model = build_model("fcn16s", width=1 / 32, num_classes=3)
     rows = route_table(model=model, size=8, time=True, repeats=1)
-    timed = [r for r in rows if r.operation is not None and r.kind != "SGD"]
+    timed = [r for r in rows if r.operation is not None and r.kind not in ("SGD", "Parameter")]
     assert timed and all(r.textbook_ms > 0 and r.fast_ms > 0 for r in timed)
     assert "textbook ms" in format_route_table(rows)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minifcn import Module, Parameter, Sequential
+from minifcn import Module, Parameter, Sequential, route, routes
+from minifcn.module import ZERO_GRAD
 from minifcn.layers import Conv2d, ConvTranspose2d, Dropout, MaxPool2d, ReLU
 
 
@@ -167,3 +168,50 @@ def test_parameter_basics():
     p.zero_grad()
     assert not p.grad.any()
     assert "shape=(2, 3)" in repr(p) and "fixed" in repr(Parameter(np.zeros(1), trainable=False))
+
+
+def test_lazy_zero_grad_reads_as_zeros_and_lets_the_first_pass_store():
+    p = Parameter(np.ones((2, 3)))
+    p.grad[...] = 7.0
+    with route("fast"):
+        assert routes.select(ZERO_GRAD).name == "lazy"
+        p.zero_grad()
+    assert (p._grad == 7.0).all()                # nothing written yet: the stale numbers are still there
+    grad, overwrite = p.grad_for_backward()
+    assert grad is p._grad and overwrite         # the first pass stores its contribution ...
+    assert p.grad_for_backward()[1] is False     # ... and every later one adds
+    with route("fast"):
+        p.zero_grad()
+    assert not p.grad.any()                      # a reader before any pass gets the zeros, written then
+    assert p.grad_for_backward()[1] is False     # and the next pass adds into them
+    p.grad = np.full((2, 3), 5.0)                # an assigned array is the gradient as it is
+    assert (p.grad == 5.0).all() and p.grad_for_backward()[1] is False
+
+
+def test_textbook_zero_grad_writes_the_zeros_at_once():
+    p = Parameter(np.ones(4))
+    p.grad[...] = 3.0
+    with route("textbook"):
+        assert routes.select(ZERO_GRAD).name == "textbook"
+        p.zero_grad()
+    assert not p._grad.any() and p.grad_for_backward()[1] is False
+
+
+@pytest.mark.parametrize("backwards", [1, 2])
+def test_lazy_and_textbook_zero_grad_give_the_same_gradients(backwards, rng):
+    """Stale gradients (NaN) zeroed either way, then one or two backward passes: the same numbers."""
+    net = small_net().eval()
+    x = rng.standard_normal((2, 2, 5, 6))
+    dy = rng.standard_normal(net(x).shape)
+    got = {}
+    for zero in ("textbook", "lazy"):
+        for p in net.parameters():
+            p.grad[...] = np.nan
+            routes.routes(ZERO_GRAD)[-1 if zero == "textbook" else 0].fn(p)
+        with route("fast"):  # the same convolution routes both times
+            for _ in range(backwards):
+                net(x)
+                net.backward(dy)
+        got[zero] = [p.grad.copy() for p in net.parameters()]
+    for lazy, eager in zip(got["lazy"], got["textbook"]):
+        np.testing.assert_array_equal(lazy, eager)

@@ -84,6 +84,16 @@ def check_accumulate(accumulate, shape, xp, dtype, where: str):
     return accumulate
 
 
+def add_or_store(accumulate, value, overwrite: bool):
+    """``accumulate += value``, or ``accumulate[...] = value`` where ``overwrite``: the first pass after a lazy
+    ``zero_grad`` (:meth:`minifcn.module.Parameter.grad_for_backward`), whose stale numbers are not to be kept."""
+    if overwrite:
+        accumulate[...] = value
+    else:
+        accumulate += value
+    return accumulate
+
+
 def check_same_dtype(x, weight, layer: str):
     """An input on another device than the weight, or whose dtype is not the weight's (NumPy
     would promote, silently and slowly)."""

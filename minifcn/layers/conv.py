@@ -19,7 +19,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..module import Module, Parameter
 from ..routes import ACROSS_CALLS, register, run
-from ._checks import (SavedInput, check_accumulate, check_grad, check_kernel_fits, check_nchw,
+from ._checks import (SavedInput, add_or_store, check_accumulate, check_grad, check_kernel_fits, check_nchw,
                       check_positive_output, check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
 from .conv_fast import FORWARD, INPUT_GRAD, KEEP_COLUMNS, WEIGHT_GRAD, conv_facts
@@ -45,15 +45,15 @@ def conv2d_input_grad(dy, weight, x_shape, stride, padding, dilation):
 
 
 @register(WEIGHT_GRAD, "textbook", textbook=True, reason="im2col of the whole input, one product dy cols^T")
-def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulate=None, overwrite=False):
     """``dW[o, k] = sum_{n, l} dy[n, o, l] cols[n, k, l]``. dy (N, Cout, OH, OW), x the input; added into
-    ``accumulate`` (a contiguous array of weight_shape, e.g. a parameter's ``.grad``) when given."""
+    ``accumulate`` (a contiguous array of weight_shape, e.g. a parameter's ``.grad``) when given, or
+    stored there where ``overwrite`` (the first pass after a lazy zero_grad; every weight route takes both)."""
     n, cout, oh, ow = dy.shape
     accumulate = check_accumulate(accumulate, weight_shape, get_array_module(dy), dy.dtype, "conv2d_weight_grad")
     cols, _ = im2col(x, weight_shape[2:], stride, padding, dilation, (oh, ow))     # (N, Cin*kh*kw, OH*OW)
     dw = (dy.reshape(n, cout, oh * ow) @ cols.transpose(0, 2, 1)).sum(axis=0)      # (Cout, Cin*kh*kw)
-    accumulate += dw.reshape(weight_shape)
-    return accumulate
+    return add_or_store(accumulate, dw.reshape(weight_shape), overwrite)
 
 
 class _Convolution(Module):
@@ -77,7 +77,8 @@ class _Convolution(Module):
 
     def _bias_grad(self, dy):
         if self.bias is not None and self.bias.trainable:
-            self.bias.grad += dy.sum(axis=(0, 2, 3))
+            grad, overwrite = self.bias.grad_for_backward()
+            add_or_store(grad, dy.sum(axis=(0, 2, 3)), overwrite)
 
     def extra_repr(self):
         extra = f"output_padding={self.output_padding}, " if hasattr(self, "output_padding") else ""
@@ -143,8 +144,9 @@ class Conv2d(_Convolution):
         x = saved.check("Conv2d")
         passes = self.route_facts(x.shape)
         if self.weight.trainable:
-            run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=self.weight.grad,
-                memo=memo)
+            grad, overwrite = self.weight.grad_for_backward()  # overwrite: the first pass after a lazy zero_grad
+            run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=grad,
+                overwrite=overwrite, memo=memo)
         self._bias_grad(dy)
         if not self.input_grad:
             return None
@@ -205,7 +207,8 @@ class ConvTranspose2d(_Convolution):
         passes = self.route_facts(x.shape)
         dx = run(*passes["input grad"], dy, self.weight.data, *self.geometry, x.shape[2:])
         if self.weight.trainable:  # FCN's fixed bilinear upsampling skips this product
-            run(*passes["weight grad"], x, dy, self.weight.shape, *self.geometry, accumulate=self.weight.grad)
+            grad, overwrite = self.weight.grad_for_backward()
+            run(*passes["weight grad"], x, dy, self.weight.shape, *self.geometry, accumulate=grad, overwrite=overwrite)
         self._bias_grad(dy)
         return dx
 

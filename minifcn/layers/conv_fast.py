@@ -51,7 +51,7 @@ import functools
 from ..backend import get_array_module
 from ..parallel import num_threads, run_bands, workers_for
 from ..routes import ACROSS_CALLS, register, run
-from ._checks import check_accumulate
+from ._checks import add_or_store, check_accumulate
 from . import winograd
 from .columns import BAND_BYTES, Unfolding, conv_output_size, workspace
 from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
@@ -160,7 +160,7 @@ def input_grad_on_core(dy, weight, x_shape, stride, padding, dilation):
 
 
 @register(WEIGHT_GRAD, "padding-core", applies=core_applies, reason=_CORE_REASON + "; the rest adds nothing")
-def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumulate=None, overwrite=False):
     """``dW += dy . cols^T`` where most columns are all zero padding: only the core of dy counts."""
     xp = get_array_module(dy)
     u, _ = conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:])
@@ -168,7 +168,7 @@ def weight_grad_on_core(dy, x, weight_shape, stride, padding, dilation, accumula
     core = xp.ascontiguousarray(dy[:, :, r0:r1, c0:c1])
     geometry = (u.stride, reduced, u.dilation)
     return run(WEIGHT_GRAD, conv_facts(x.shape, weight_shape, *geometry, core.shape[2:]),
-               core, x, weight_shape, *geometry, accumulate=accumulate)
+               core, x, weight_shape, *geometry, accumulate=accumulate, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- runs of identical lines
@@ -261,7 +261,8 @@ def forward_on_cut_runs(x, weight, stride, padding, dilation, out_hw=None, bias=
 
 @register(WEIGHT_GRAD, _RUNS, applies=runs_applies, reason=_RUNS_REASON + ", dy summed over them",
           data_dependent=True)
-def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
+def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accumulate=None, overwrite=False,
+                            memo=None):
     """``dW += dy . cols^T`` at stride 1 where x repeats lines. The outputs o of a run (as in
     :func:`forward_on_cut_runs`) all have the column of the cut map's one output a'+p, so::
 
@@ -273,12 +274,13 @@ def weight_grad_on_cut_runs(dy, x, weight_shape, stride, padding, dilation, accu
     planned = _cuts_worth_it(x, u, memo)
     if planned is None:
         return run(WEIGHT_GRAD, (u, cout), dy, x, weight_shape, stride, padding, dilation,
-                   accumulate=accumulate, skip=(_RUNS,), memo=memo)
+                   accumulate=accumulate, overwrite=overwrite, skip=(_RUNS,), memo=memo)
     cuts, cut_x = planned
     dy_cut = _summed_onto_cut(dy, cuts, memo)
     geometry = (u.stride, u.padding, u.dilation)
     return run(WEIGHT_GRAD, conv_facts(cut_x.shape, weight_shape, *geometry, dy_cut.shape[2:]),
-               dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, skip=(_RUNS,), memo=memo)
+               dy_cut, cut_x, weight_shape, *geometry, accumulate=accumulate, overwrite=overwrite, skip=(_RUNS,),
+               memo=memo)
 
 
 def _summed_onto_cut(dy, cuts, memo):
@@ -826,7 +828,8 @@ def input_grad_by_bands(dy, weight, x_shape, stride, padding, dilation):
 @register(WEIGHT_GRAD, "winograd", applies=winograd_applies, uses_memo=True,
           reason="as the forward's: the adjoint of Winograd's F(2x2, 3x3), on the forward's transformed "
                  "tiles where they were kept")
-def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
+def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accumulate=None, overwrite=False,
+                            memo=None):
     """``dW += C_x^T dy`` by the adjoint of :func:`forward_by_winograd`, band by band.
 
     Per band: dM = (At kron At)^T of dy's 2x2 tiles, dU[k] += dM[k] V[k]^T (a
@@ -858,15 +861,15 @@ def weight_grad_by_winograd(dy, x, weight_shape, stride, padding, dilation, accu
     _run_winograd_bands(bands, one_band)
     for extra in partial[1:]:
         partial[0] += extra
-    accumulate += winograd.kernel_grad(partial[0])
-    return accumulate
+    return add_or_store(accumulate, winograd.kernel_grad(partial[0]), overwrite)
 
 
 @register(WEIGHT_GRAD, "shifted", applies=lambda u, cout: shifted_applies(u, cout, 8, 8),
           reason=f"stride 1, <= 8 channels in and out (in batches of {SHIFTED_BATCH} or more: "
                  f"<= {SHIFTED_BATCH_MOST_CHANNELS}, Cout <= 2 Cin): dW[:, :, i, j] = dy "
                  "times a shifted slice, on the padded width, no columns")
-def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilation, accumulate=None):
+def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilation, accumulate=None,
+                                    overwrite=False):
     """``dW += dy . cols^T`` at stride 1 as k*k products with shifted slices, band by band of output rows.
 
     Inputs: dy (N, Cout, OH, OW), x (N, Cin, H, W), weight_shape (Cout, Cin, kh, kw),
@@ -902,14 +905,14 @@ def weight_grad_by_shifted_products(dy, x, weight_shape, stride, padding, dilati
     run_bands(bands, one_band, workers)
     for extra in partial[1:]:
         partial[0] += extra
-    accumulate += partial[0].reshape(kh, kw, cout, cin).transpose(2, 3, 0, 1)
-    return accumulate
+    return add_or_store(accumulate, partial[0].reshape(kh, kw, cout, cin).transpose(2, 3, 0, 1), overwrite)
 
 
 @register(WEIGHT_GRAD, "bands", uses_memo=True,
           reason="im2col band by band (or the forward's columns, kept), one partial sum per CPU thread, "
                  "the product in the orientation BLAS runs faster")
-def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumulate=None, memo=None):
+def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumulate=None, overwrite=False,
+                         memo=None):
     """``dW += sum over bands of dy_band . cols_band^T``, bands shared by threads, summed in worker order.
     ``memo``: a layer's; where its forward kept the columns of this very x (:func:`forward_by_bands`),
     they are the one band, not unfolded again."""
@@ -921,16 +924,18 @@ def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumul
     dy3 = dy.reshape(n, cout, oh * ow)
     kept = None if memo is None else memo.pop(_KEPT, None)
     if kept is not None and kept[0] is x and kept[1] == _unfolding_key(u):
-        _add_products(dw, dy3, kept[2])    # the columns im2col(x) would give: the same numbers, one band
+        _add_products(dw, dy3, kept[2], overwrite)  # the columns im2col(x) would give: the same numbers, one band
         return accumulate
     xpad = u.pad(x)
     bands = list(u.bands(xp, x.itemsize, cout))
     workers = workers_for(xp, len(bands), n)
     partial = [dw] + [xp.zeros_like(dw) for _ in range(workers - 1)]  # worker 0 adds straight into dw
+    first = [overwrite] + [False] * (workers - 1)                     # whether a worker's next band stores
 
     def one_band(worker, r0, r1):
         cols = u.unfold(xpad, r0, r1, workspace(xp, x.dtype, u.band_shape(r0, r1)))
-        _add_products(partial[worker], dy3[:, :, r0 * ow:r1 * ow], cols)
+        _add_products(partial[worker], dy3[:, :, r0 * ow:r1 * ow], cols, first[worker])
+        first[worker] = False
 
     run_bands(bands, one_band, workers)
     for extra in partial[1:]:
@@ -938,19 +943,23 @@ def weight_grad_by_bands(dy, x, weight_shape, stride, padding, dilation, accumul
     return accumulate
 
 
-def _add_products(dw, dy3, cols):
-    """dw (Cout, K) += sum_n dy3[n] @ cols[n]^T, for dy3 (N, Cout, L) and cols (N, K, L)."""
+def _add_products(dw, dy3, cols, overwrite=False):
+    """dw (Cout, K) += sum_n dy3[n] @ cols[n]^T, for dy3 (N, Cout, L) and cols (N, K, L); = where ``overwrite``."""
     xp = get_array_module(dw)
     n, cout, length = dy3.shape
     k = cols.shape[1]
     if length >= k and length >= cout:
         # Many positions (early layers): OpenBLAS runs cols @ dy^T faster than
         # dy @ cols^T, and the (N, K, Cout) results are small.
-        dw += xp.matmul(cols, dy3.transpose(0, 2, 1)).sum(axis=0).T
+        add_or_store(dw, xp.matmul(cols, dy3.transpose(0, 2, 1)).sum(axis=0).T, overwrite)
         return
     # Few positions, large weight (fc6: 4096 x 25088): one product over the
     # batch folded into the positions (copies of small arrays when N > 1),
-    # into a reused buffer the size of the weight, then one add.
+    # straight into dw where it may be overwritten, else into a reused buffer
+    # the size of the weight, then one add.
     dy2 = dy3.transpose(1, 0, 2).reshape(cout, n * length)
     cols2 = cols.transpose(1, 0, 2).reshape(k, n * length)
-    dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))
+    if overwrite:
+        xp.matmul(dy2, cols2.T, out=dw)
+    else:
+        dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))
