@@ -75,13 +75,14 @@ def with_runs(rng, shape):
 def _search_everything(monkeypatch):
     """The ``repeated-lines`` routes look at every stride-1 map and cut every run, however short,
     ``row-shifted`` takes small maps too (the sweep's maps are small), and ``winograd`` any batch and
-    any channels (the sweep's have few)."""
+    any channels (the sweep's have few), ``batch-folded`` any weight."""
     monkeypatch.setattr(conv_fast, "RUNS_LEAST_OUTPUTS", 1)
     monkeypatch.setattr(conv_fast, "RUNS_LEAST_SAVED", 1)
     monkeypatch.setattr(conv_fast, "RUNS_MAX_FRACTION", 1.0)
     monkeypatch.setattr(conv_fast, "ROW_SHIFTED_LEAST_OUTPUTS", 1)
     monkeypatch.setattr(conv_fast, "WINOGRAD_LEAST_BATCH", 1)
     monkeypatch.setattr(conv_fast, "WINOGRAD_LEAST_CHANNELS", 1)
+    monkeypatch.setattr(conv_fast, "FOLD_LEAST_WEIGHT", 1)
 
 
 def _count_cuts(monkeypatch):

@@ -28,9 +28,12 @@ Convolution forward ``y = C x``:
   ``shifted``         stride 1, 4 to 16 channels in, at most 8 out: k*k products of shifted slices, no columns
   ``row-shifted``     stride 1, a large map, at most 32 out: columns along the width only (kw copies),
                       one product per kernel row on the same columns shifted by whole rows
+  ``batch-folded``    two images or more, few positions an image, a large weight (fc6, fc7): one product
+                      with the batch's columns side by side, the weight read once
   ``bands``           im2col and the product band by band of output rows, bands shared by CPU threads;
                       in training, columns that are one band stay in a buffer of the layer's for its weight gradient
 Input gradient ``dx = C^T dy`` (also the forward of a transposed convolution):
+  ``batch-folded``    as the forward's: one product ``W^T dy`` over the whole batch, then col2im
   ``pointwise``       1x1, stride 1, no padding: one product, no col2im
   ``flipped-kernel``  stride 1: a convolution of dy with the flipped kernel
   ``sub-pixel``       the stride divides the kernel: a stride-1 convolution, then depth to space
@@ -695,6 +698,44 @@ def _buffer_to_keep(memo, u, xp, dtype):
     return buf[:size].reshape(shape)
 
 
+FOLD_MOST_POSITIONS = 64           # output positions an image at most: thin products, one per image
+FOLD_LEAST_WEIGHT = 64 << 10       # and a weight of at least this many elements (256 KiB in float32, half an L2)
+
+
+def batch_folded_applies(u, cout, up_to_runs=False):
+    """Two images or more, at most ``FOLD_MOST_POSITIONS`` output positions each, and a weight of at least
+    ``FOLD_LEAST_WEIGHT`` elements: FCN's fc6 (4096 x 512 x 7 x 7 in the paper) and fc7 on small maps."""
+    return (u.x_shape[0] >= 2 and u.out_hw[0] * u.out_hw[1] <= FOLD_MOST_POSITIONS
+            and cout * u.rows >= FOLD_LEAST_WEIGHT)
+
+
+_FOLDED_REASON = "few positions an image, a large weight (fc6, fc7): the batch folded into one product's columns"
+
+
+@register(FORWARD, "batch-folded", applies=batch_folded_applies, uses_memo=True,
+          reason=_FOLDED_REASON + ", so the weight is read once, not once an image")
+def forward_batch_folded(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
+    """``C x (+ b)`` as one product ``W (Cout, K) @ cols (K, N*L)``: the batch's columns side by side.
+
+    Per image the product would be ``(Cout, K) @ (K, L)`` with a handful of columns L (9 for fc6 on a
+    9 x 9 map), each one reading the whole weight again from memory. The columns are copied into the
+    (K, N*L) layout (small: L is small) and the output copied back to NCHW. ``memo``: as for ``bands``,
+    the columns (N, K, L) stay in the layer's buffer for the weight gradient where it asks."""
+    xp = get_array_module(x)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    n, (oh, ow) = x.shape[0], u.out_hw
+    kept = None if u.pointwise else _buffer_to_keep(memo, u, xp, x.dtype)  # (1x1: the columns are x itself)
+    cols = u.unfold(u.pad(x), 0, oh, kept if kept is not None else workspace(xp, x.dtype, u.band_shape(0, oh)))
+    side_by_side = cols.transpose(1, 0, 2).reshape(u.rows, n * oh * ow)     # (K, N*L), a copy
+    y2 = weight.reshape(cout, -1) @ side_by_side                             # (Cout, N*L)
+    if bias is not None:
+        y2 += bias.reshape(cout, 1)
+    y = xp.ascontiguousarray(y2.reshape(cout, n, oh * ow).transpose(1, 0, 2))  # (N, Cout, L)
+    if kept is not None:
+        memo[_KEPT] = (x, _unfolding_key(u), kept)
+    return y.reshape(n, cout, oh, ow)
+
+
 @register(FORWARD, "bands", uses_memo=True,
           reason="im2col and one product per band of output rows (cache-sized bands when Cout <= 64, else "
                  "one), bands shared by CPU threads; one band's columns kept for the weight gradient")
@@ -727,6 +768,22 @@ def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=Non
 
 
 # --------------------------------------------------------------------------- input gradient: dx = C^T dy
+
+@register(INPUT_GRAD, "batch-folded", applies=batch_folded_applies, reason=_FOLDED_REASON + ": W^T dy once, then col2im")
+def input_grad_batch_folded(dy, weight, x_shape, stride, padding, dilation):
+    """``C^T dy`` as one product ``W^T (K, Cout) @ dy (Cout, N*L)``, then col2im of every image
+    (no col2im for a 1x1 convolution: the columns are dx). The forward's ``batch-folded``, transposed."""
+    xp = get_array_module(dy)
+    u, cout = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+    n, _, oh, ow = dy.shape
+    side_by_side = dy.reshape(n, cout, oh * ow).transpose(1, 0, 2).reshape(cout, n * oh * ow)  # a copy
+    dcols = (weight.reshape(cout, -1).T @ side_by_side).reshape(u.rows, n, oh * ow).transpose(1, 0, 2)
+    if u.pointwise:
+        return xp.ascontiguousarray(dcols).reshape(x_shape)
+    gpad = u.zeros(xp, dy.dtype)
+    u.fold(dcols, gpad, 0, oh)                                               # (N, K, L) views, no copy
+    return u.crop(gpad)
+
 
 @register(INPUT_GRAD, "pointwise", applies=lambda u, cout, up_to_runs=False: u.pointwise,
           reason="1x1, stride 1, no padding: dx = W^T dy, the columns are dx itself")
