@@ -384,3 +384,39 @@ def test_the_facts_of_a_geometry_are_built_once():
     assert conv_facts((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (99, 100), (1, 1))[0] is not u
     assert conv_facts((2, 3, 9, 8), (4, 3, 3, 3), (1, 1), (100, 100), (1, 1), (200, 200))[0] is not u
     assert padding_core(u) is padding_core(u) and padding_core(u)[2] == (2, 2)  # 100 - 98, the core's padding
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, TOL), (np.float32, 1e-5)])
+def test_channel_diagonal_routes_equal_the_textbook_where_the_weight_is_one_kernel_per_channel(dtype, tol):
+    """FCN's fixed upsampling (bilinear, kernel 2s, stride s) and other strided geometries: where the weight is
+    one kernel from each channel to itself, the single-channel route; any other weight is handed over."""
+    from minifcn.layers import bilinear_kernel
+
+    rng = np.random.default_rng(41)
+    # (x of C: N, C, H, W), kernel, stride, padding, dilation
+    cases = [((2, 3, 12, 10), (4, 4), (2, 2), (1, 1), (1, 1)), ((1, 6, 40, 40), (16, 16), (8, 8), (4, 4), (1, 1)),
+             ((3, 2, 9, 11), (3, 2), (2, 3), (0, 1), (2, 1)), ((2, 4, 8, 8), (4, 4), (2, 2), (0, 0), (1, 1))]
+    for x_shape, k, s, p, d in cases:
+        n, c = x_shape[:2]
+        one = rng.standard_normal((1, 1, *k)) if k != (16, 16) else bilinear_kernel(1, 1, 16, np.float64)
+        weight = (np.eye(c)[:, :, None, None] * one).astype(dtype)
+        facts = conv_fast.conv_facts(x_shape, weight.shape, s, p, d)
+        x = rng.standard_normal(x_shape).astype(dtype)
+        dy = rng.standard_normal((n, c, *facts[0].out_hw)).astype(dtype)
+        bias = rng.standard_normal(c).astype(dtype)
+        stray = weight.copy()
+        stray[c - 1, 0, 0, -1] = 1e-3                  # one weight between two channels
+        uneven = weight.copy()
+        uneven[-1, -1] *= 2                            # another kernel on the last channel
+        with route("fast"):
+            assert routes.select(FORWARD, *facts).name == routes.select(INPUT_GRAD, *facts, False).name == \
+                "channel-diagonal"
+            for w, single in ((weight, True), (stray, False), (uneven, False)):
+                assert (conv_fast.one_kernel_per_channel(w) is not None) == single
+                label = (x_shape, k, s, p, d, single)
+                got = conv_fast.forward_channel_by_channel(x, w, s, p, d, None, bias)
+                want = routes.textbook(FORWARD).fn(x, w, s, p, d, None, bias)
+                assert got.dtype == dtype and _rel(got, want) < tol, label
+                got = conv_fast.input_grad_channel_by_channel(dy, w, x_shape, s, p, d)
+                want = routes.textbook(INPUT_GRAD).fn(dy, w, x_shape, s, p, d)
+                assert got.shape == x_shape and _rel(got, want) < tol, label

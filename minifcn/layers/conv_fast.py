@@ -21,6 +21,9 @@ Every op, next:
   ``repeated-lines``  stride 1, the input repeats a row or column many times (FCN's maps outside the image,
                       a fact of the data): the map with each run cut to the kernel's span; else the next route.
                       The input gradient only where the layer takes one up to those runs.
+  ``channel-diagonal`` strided, the weight one kernel from each channel to itself and zeros between channels
+                      (FCN's fixed bilinear upsampling, a fact of the data): the single-channel convolution
+                      of the batch's N*C maps; else the next route. Forward and input gradient.
 Convolution forward ``y = C x``:
   ``space-to-depth``  the stride divides the kernel and few output channels (FCN's upsampling, backwards)
   ``winograd``        3x3, stride 1, batches of 4 or more, 32 channels or more, maps up to 48 x 48: Winograd's
@@ -332,6 +335,72 @@ def input_grad_up_to_runs(dy, weight, x_shape, stride, padding, dilation, memo=N
     dx_cut = run(INPUT_GRAD, conv_facts(cut_x.shape, weight.shape, *geometry, dy_cut.shape[2:]),
                  dy_cut, weight, cut_x.shape, *geometry)
     return put_lines(dx_cut, cuts, x_shape)
+
+
+# --------------------------------------------------------------------------- one kernel on each channel alone
+#
+# FCN's fixed upsampling (upscore8, and every upsampling that is not learned) is bilinear_kernel(C, C, 2s):
+# the same 2-D kernel from each channel to itself and zeros between channels, so its C x C products are
+# mostly multiplications by zero. Where the weight has that form (a fact of the data, checked at every call),
+# the convolution is the single-channel one of its diagonal kernel on the N*C maps of the batch.
+
+_DIAGONAL = "channel-diagonal"
+# Handing over: the routes before this one had their turn (padding-core's rule is the geometry's alone, and
+# repeated-lines ran and handed over, or was skipped by the caller), so the next route is one after it.
+_AFTER_DIAGONAL = (_RUNS, _DIAGONAL)
+_DIAGONAL_REASON = "the same kernel on each channel and zeros between channels (FCN's fixed bilinear upsampling)"
+
+
+def diagonal_applies(u, cout, up_to_runs=False):
+    """A stride above 1 (FCN's upsampling: kernel 2s, stride s; not the stride-1 layers, where a learned
+    weight would only be checked in vain) and as many channels in as out, two or more."""
+    return u.stride != (1, 1) and u.x_shape[1] == cout >= 2
+
+
+def one_kernel_per_channel(weight):
+    """The (1, 1, kh, kw) kernel where ``weight[o, c]`` is it for o == c and zero otherwise, else None."""
+    xp = get_array_module(weight)
+    c, kernel = weight.shape[0], weight[:1, :1]
+    if weight.shape[1] != c or c < 2 or bool(weight[1, 0].any()):  # a learned weight fails here, at once
+        return None
+    if not bool(xp.array_equal(weight, xp.eye(c, dtype=weight.dtype)[:, :, None, None] * kernel)):
+        return None
+    return kernel
+
+
+@register(FORWARD, _DIAGONAL, applies=diagonal_applies, data_dependent=True,
+          reason=_DIAGONAL_REASON + ": one single-channel convolution of the N*C maps")
+def forward_channel_by_channel(x, weight, stride, padding, dilation, out_hw=None, bias=None, memo=None):
+    """``y[n, c] = k * x[n, c] (+ b[c])`` where ``weight`` is ``k`` on its channel diagonal and zero elsewhere
+    (:func:`one_kernel_per_channel`); else the next route."""
+    kernel = one_kernel_per_channel(weight)
+    u, cout = conv_facts(x.shape, weight.shape, stride, padding, dilation, out_hw)
+    if kernel is None:
+        return run(FORWARD, (u, cout), x, weight, stride, padding, dilation, out_hw, bias, skip=_AFTER_DIAGONAL,
+                   memo=memo)
+    n, c, h, w = x.shape
+    maps = x.reshape(n * c, 1, h, w)
+    y = run(FORWARD, conv_facts(maps.shape, kernel.shape, stride, padding, dilation, u.out_hw), maps, kernel,
+            stride, padding, dilation, u.out_hw).reshape(n, c, *u.out_hw)
+    if bias is not None:
+        y += bias.reshape(1, c, 1, 1)
+    return y
+
+
+@register(INPUT_GRAD, _DIAGONAL, applies=diagonal_applies, data_dependent=True,
+          reason=_DIAGONAL_REASON + ": one single-channel transposed convolution of the N*C maps")
+def input_grad_channel_by_channel(dy, weight, x_shape, stride, padding, dilation, memo=None):
+    """``dx[n, c] = k^T dy[n, c]`` where ``weight`` is ``k`` on its channel diagonal and zero elsewhere; else
+    the next route. (The forward of FCN's fixed upsampling.)"""
+    kernel = one_kernel_per_channel(weight)
+    n, c, h, w = x_shape
+    if kernel is None:
+        u, cout = conv_facts(x_shape, weight.shape, stride, padding, dilation, dy.shape[2:])
+        return run(INPUT_GRAD, (u, cout, False), dy, weight, x_shape, stride, padding, dilation,
+                   skip=_AFTER_DIAGONAL, memo=memo)
+    maps = dy.reshape(n * c, 1, *dy.shape[2:])
+    return run(INPUT_GRAD, conv_facts((n * c, 1, h, w), kernel.shape, stride, padding, dilation, maps.shape[2:]),
+               maps, kernel, (n * c, 1, h, w), stride, padding, dilation).reshape(x_shape)
 
 
 # --------------------------------------------------------------------------- forward: y = C x
