@@ -9,16 +9,35 @@ from ..parallel import pieces, run_pieces
 from ._checks import check_grad, need_forward
 
 
-ZERO_BLOCK_MOST = 1 << 16  # elements of the zeros ReLU's maximum is taken against (a plane, else a row)
+ZERO_BLOCK_MOST = 1 << 18  # elements of the zeros ReLU's maximum is taken against (a plane, else a row)
+_ZEROS_KEPT = 16           # zero blocks kept (read-only), by array module, dtype and shape
 
 
 def _zero_block(shape):
     """The shape of the zeros that ``max(x, 0)`` broadcasts over x: its last two axes, or the last one
     where that plane exceeds ``ZERO_BLOCK_MOST`` elements. An array, not the scalar 0: the same numbers
     (NaN stays NaN), but NumPy 2.4's float ``maximum`` against a scalar ran 3x slower than against an
-    array on the AMD EPYC Zen 2 (benchmarks/RESULTS.md, "ReLU")."""
+    array on the AMD EPYC Zen 2, and against a row 1.4x slower than against a plane (benchmarks/RESULTS.md,
+    "ReLU")."""
     plane = tuple(shape[-2:])
     return plane if int(np.prod(plane)) <= ZERO_BLOCK_MOST else tuple(shape[-1:])
+
+
+_zeros = {}
+
+
+def _zeros_for(xp, dtype, shape):
+    """A block of zeros, made once and kept read-only (new ones each call were a fresh allocation, whose
+    pages the first read faults in)."""
+    key = (xp.__name__, np.dtype(dtype).str, shape)
+    block = _zeros.get(key)
+    if block is None:
+        if len(_zeros) >= _ZEROS_KEPT:
+            _zeros.clear()
+        block = _zeros[key] = xp.zeros(shape, dtype=dtype)
+        if xp is np:
+            block.flags.writeable = False
+    return block
 
 
 class ReLU(Module):
@@ -39,7 +58,7 @@ class ReLU(Module):
         xp = get_array_module(x)
         y = x if self.inplace else xp.empty_like(x)
         mask = xp.empty(x.shape, dtype=bool)
-        zeros = xp.zeros(_zero_block(x.shape), dtype=x.dtype)
+        zeros = _zeros_for(xp, x.dtype, _zero_block(x.shape))
 
         def piece(i):  # on the CPU, large batches are cut into one piece per core
             xp.maximum(x[i], zeros, out=y[i])
