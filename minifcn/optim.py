@@ -25,10 +25,11 @@ import numpy as np
 from .backend import elementwise_kernel, get_array_module
 from .layers.columns import workspace
 from .module import Module, Parameter
-from .parallel import MIN_PIECE_BYTES, num_threads, run_pieces
+from .parallel import num_threads, run_pieces
 from .routes import register, run, select
 
 _CHUNK = 1 << 16  # elements updated at a time: a chunk of w, g, v and the scratch buffer (1 MiB in float32) stays in L2
+SHARED_UPDATE_BYTES = 1 << 20  # a parameter this large has its chunks shared by the CPU threads
 
 # The GPU route: the whole update of one parameter as one CuPy kernel, element i at a time
 # (the chunked loop below launches several small kernels per 2^16-element chunk on a GPU:
@@ -118,7 +119,7 @@ def sgd_update_fused(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None
 def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=None):
     """:func:`sgd_update` in chunks, with no temporary larger than ``scratch()`` (a flat buffer).
 
-    A NumPy parameter of ``MIN_PIECE_BYTES`` or more is cut into one run of whole chunks per CPU
+    A NumPy parameter of ``SHARED_UPDATE_BYTES`` or more is cut into one run of whole chunks per CPU
     thread, each thread with a scratch buffer of its own. The update is memory-bound and one core
     does not reach the memory's bandwidth (the small FCN's fc6 and fc7, 89 % of its parameters: the
     update took 3.4 ms on one thread, 2.7 on two on the AMD EPYC Zen 2; benchmarks/RESULTS.md). Every
@@ -126,7 +127,7 @@ def sgd_update_in_chunks(w, g, v, lr, momentum, weight_decay, nesterov, scratch=
     """
     xp = get_array_module(w)
     chunks = -(-w.size // _CHUNK)
-    workers = min(num_threads(), chunks) if xp.__name__ == "numpy" and w.nbytes >= MIN_PIECE_BYTES else 1
+    workers = min(num_threads(), chunks) if xp.__name__ == "numpy" and w.nbytes >= SHARED_UPDATE_BYTES else 1
     if workers > 1:
         edges = [min(w.size, _CHUNK * (chunks * k // workers)) for k in range(workers + 1)]
 

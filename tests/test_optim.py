@@ -292,14 +292,14 @@ def test_chunked_route_equals_the_textbook_update(momentum, weight_decay, nester
 
 
 def test_a_large_parameters_chunks_are_shared_by_the_threads_with_the_same_bits(monkeypatch):
-    """With two threads a parameter of MIN_PIECE_BYTES or more is cut into two runs of whole chunks, one per
+    """With two threads a parameter of SHARED_UPDATE_BYTES or more is cut into two runs of whole chunks, one per
     thread (about half the elements each); smaller ones stay in the calling thread; the same bits as one thread."""
     import threading
 
     from minifcn import route
 
     monkeypatch.setattr(optim_module, "_CHUNK", 8)
-    monkeypatch.setattr(optim_module, "MIN_PIECE_BYTES", 100 * 4)  # float32: 100 elements or more are cut
+    monkeypatch.setattr(optim_module, "SHARED_UPDATE_BYTES", 100 * 4)  # float32: 100 elements or more are cut
     rng = np.random.default_rng(5)
     start = [rng.standard_normal(shape).astype(np.float32) for shape in ((6, 7), (3,), (5, 29), (400,))]
     grads = [[rng.standard_normal(w.shape).astype(np.float32) for w in start] for _ in range(3)]
