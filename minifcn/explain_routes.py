@@ -1,7 +1,7 @@
 """Which route every layer of an FCN takes, pass by pass, and why: ``minifcn explain routes``.
 
 For every convolution, transposed convolution and max pooling of a model, and
-each of its passes (forward, input gradient, weight gradient), the table names
+each of its passes (forward, input gradient, weight gradient, bias gradient), the table names
 the operation the layer runs (a transposed convolution's forward is its
 convolution's input gradient), the route :func:`minifcn.routes.select` picks for
 that geometry in the current mode, the route's one-line reason and the FLOPs
@@ -32,8 +32,9 @@ from . import optim, routes  # noqa: F401 (optim registers the SGD update routes
 from .module import ZERO_GRAD
 from .backend import get_array_module
 from .layers import Conv2d, ConvTranspose2d, MaxPool2d
+from .layers.conv_fast import BIAS_GRAD
 
-PASSES = ("forward", "input grad", "weight grad")
+PASSES = ("forward", "input grad", "weight grad", "bias grad")
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RouteRow:
 
     layer: str
     kind: str            # Conv2d, ConvTranspose2d, MaxPool2d, SGD
-    pass_name: str       # forward, input grad, weight grad, update
+    pass_name: str       # forward, input grad, weight grad, bias grad, zero grad, update
     operation: str | None  # None: the pass is not computed (then ``reason`` says why)
     route: str
     reason: str
@@ -54,6 +55,8 @@ class RouteRow:
 
 
 def _flops(operation, layer, facts):
+    if operation == BIAS_GRAD:  # one add per element of dy
+        return int(np.prod(facts[0]))
     if operation.startswith("conv_"):
         u, cout = facts[:2]
         return 2 * u.x_shape[0] * cout * u.out_hw[0] * u.out_hw[1] * u.rows
@@ -117,6 +120,9 @@ def _timings(row, layer, facts, dtype, repeats, rng, x=None, memo=None):
         return tuple(out)
     with routes.route("fast"):
         fast = routes.select(row.operation, *facts)
+    if row.operation == BIAS_GRAD:
+        dy = rng.standard_normal(facts[0]).astype(dtype)
+        return tuple(_median_ms(lambda r=r: r.fn(dy), repeats) for r in (routes.textbook(BIAS_GRAD), fast))
     return tuple(_median_ms(_conv_call(row.operation, r, facts, dtype, rng, x, memo), repeats)
                  for r in (routes.textbook(row.operation), fast))
 

@@ -420,3 +420,18 @@ def test_channel_diagonal_routes_equal_the_textbook_where_the_weight_is_one_kern
                 got = conv_fast.input_grad_channel_by_channel(dy, w, x_shape, s, p, d)
                 want = routes.textbook(INPUT_GRAD).fn(dy, w, x_shape, s, p, d)
                 assert got.shape == x_shape and _rel(got, want) < tol, label
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, TOL), (np.float32, 1e-5)])
+def test_bias_gradient_as_a_product_with_ones_is_the_sum(dtype, tol):
+    from minifcn.layers.conv_fast import BIAS_GRAD, bias_grad_by_ones
+
+    rng = np.random.default_rng(51)
+    for shape in [(1, 8, 294, 294), (3, 5, 7, 2), (2, 1, 1, 1), (4, 6, 9, 11)]:
+        dy = rng.standard_normal(shape).astype(dtype)
+        want = routes.textbook(BIAS_GRAD).fn(dy)
+        for view in (dy, dy[:, :, ::-1], np.asfortranarray(dy)):  # any layout
+            got = bias_grad_by_ones(view)
+            assert got.dtype == dtype and got.shape == (shape[1],) and _rel(got, want) < tol, shape
+    with route("fast"):
+        assert routes.select(BIAS_GRAD, (1, 2, 3, 4)).name == "ones-product"

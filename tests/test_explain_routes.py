@@ -21,8 +21,8 @@ from minifcn.models import build_model
 from minifcn.models.trace import fcn_flops
 from minifcn.optim import SGD
 
-OPERATIONS = ("conv_forward", "conv_input_grad", "conv_weight_grad", "maxpool_forward", "maxpool_input_grad",
-              "sgd_update", "zero_grad")
+OPERATIONS = ("conv_forward", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "maxpool_forward",
+              "maxpool_input_grad", "sgd_update", "zero_grad")
 WHOLE_MODEL = ("sgd_update", "zero_grad")  # one call per parameter, one row for the model
 
 
@@ -41,6 +41,8 @@ def _call_key(op, args):
     if op == "conv_weight_grad":
         dy, x, weight_shape, stride, padding, dilation = args
         return _conv_key(*conv_facts(x.shape, weight_shape, stride, padding, dilation, dy.shape[2:]))
+    if op == "conv_bias_grad":
+        return tuple(args[0].shape)          # dy
     if op == "maxpool_forward":
         return tuple(args[1].shape)          # y
     if op == "maxpool_input_grad":
@@ -51,6 +53,8 @@ def _call_key(op, args):
 def _row_key(row, model):
     layer = getattr(model, row.layer)
     _, facts = layer.route_facts(row.input_shape)[row.pass_name]
+    if row.operation == "conv_bias_grad":
+        return tuple(facts[0])
     if row.operation.startswith("conv_"):
         return _conv_key(*facts[:2])  # (an input gradient's facts also say whether it may be up to runs)
     return tuple(layer.output_shape(row.input_shape))
@@ -102,9 +106,10 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
         assert names == {"textbook", "-"}
     else:  # FCN-8s takes every kind of fast route somewhere (or hands over to it where the data has no runs)
         assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
-                "chunked", "padding-core", "repeated-lines", "row-shifted", "lazy"} <= names
+                "chunked", "padding-core", "repeated-lines", "row-shifted", "lazy", "ones-product"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
-    assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad")}
+    assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad"),
+                       ("upscore2", "bias grad"), ("upscore_pool4", "bias grad"), ("upscore8", "bias grad")}
 
 
 @pytest.mark.parametrize("width,size", [(0.125, 128), (1.0, 224)])
@@ -123,7 +128,7 @@ def test_every_layer_and_pass_is_listed(width, size, monkeypatch):
     assert len(layers) == 13 + 2 + 3 + 5 + 3  # VGG convs, fc6-7, score layers, pools, upsamplings
     listed = Counter(r.layer for r in rows[:-2])  # (the last two rows: zero grad and the update)
     for name in layers:
-        assert listed[name] == (2 if isinstance(getattr(model, name), MaxPool2d) else 3), name
+        assert listed[name] == (2 if isinstance(getattr(model, name), MaxPool2d) else 4), name
     assert {r.pass_name for r in rows[:-2]} == set(PASSES)
     # forward FLOPs are the model's (trace.fcn_flops, from the same wiring)
     forward = {r.layer: r.flops for r in rows if r.pass_name == "forward" and r.kind != "MaxPool2d"}
@@ -186,7 +191,8 @@ def test_cli_names_the_routes_of_conv1_2(capsys, monkeypatch):
     cells = [re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()]
     conv1_2 = {row[1]: row for row in cells if row[0] == "conv1_2"}  # pass -> cells
     assert {p: row[2] for p, row in conv1_2.items()} == {
-        "forward": "repeated-lines", "input grad": "repeated-lines", "weight grad": "repeated-lines"}
+        "forward": "repeated-lines", "input grad": "repeated-lines", "weight grad": "repeated-lines",
+        "bias grad": "ones-product"}
     for name in ("forward", "weight grad"):
         assert conv1_2[name][-1].endswith("where the data offers none: shifted"), conv1_2[name]
     assert conv1_2["input grad"][-1].endswith("where the data offers none: flipped-kernel")

@@ -22,7 +22,7 @@ from ..routes import ACROSS_CALLS, register, run
 from ._checks import (SavedInput, add_or_store, check_accumulate, check_grad, check_kernel_fits, check_nchw,
                       check_positive_output, check_same_dtype, need_forward, pair)
 from .columns import col2im, conv_output_size, conv_transpose_output_size, im2col
-from .conv_fast import FORWARD, INPUT_GRAD, KEEP_COLUMNS, WEIGHT_GRAD, conv_facts
+from .conv_fast import BIAS_GRAD, FORWARD, INPUT_GRAD, KEEP_COLUMNS, WEIGHT_GRAD, conv_facts
 from .init import uniform_init as _uniform_init  # (tests replace it to build zero models fast)
 
 @register(FORWARD, "textbook", textbook=True, reason="im2col of the whole input, one product, bias")
@@ -56,6 +56,12 @@ def conv2d_weight_grad(dy, x, weight_shape, stride, padding, dilation, accumulat
     return add_or_store(accumulate, dw.reshape(weight_shape), overwrite)
 
 
+@register(BIAS_GRAD, "textbook", textbook=True, reason="the sum of dy over the batch and every position")
+def conv_bias_grad(dy):
+    """``db[o] = sum_{n, p, q} dy[n, o, p, q]``. dy (N, Cout, OH, OW) -> db (Cout,)."""
+    return dy.sum(axis=(0, 2, 3))
+
+
 class _Convolution(Module):
     """What both layers share: geometry arguments, parameters, the bias gradient."""
     def __init__(self, name, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, dtype, rng,
@@ -75,10 +81,16 @@ class _Convolution(Module):
 
     geometry = property(lambda self: (self.stride, self.padding, self.dilation), doc="(stride, padding, dilation)")
 
-    def _bias_grad(self, dy):
-        if self.bias is not None and self.bias.trainable:
+    def _bias_pass(self, y_shape):
+        """The route facts of the bias gradient's pass (dy's shape), or (None, why it is skipped)."""
+        if self.bias is None:
+            return None, "no bias"
+        return (BIAS_GRAD, (tuple(y_shape),)) if self.bias.trainable else (None, "bias is fixed")
+
+    def _bias_grad(self, passes, dy):
+        if passes["bias grad"][0] is not None:
             grad, overwrite = self.bias.grad_for_backward()
-            add_or_store(grad, dy.sum(axis=(0, 2, 3)), overwrite)
+            add_or_store(grad, run(*passes["bias grad"], dy), overwrite)
 
     def extra_repr(self):
         extra = f"output_padding={self.output_padding}, " if hasattr(self, "output_padding") else ""
@@ -121,7 +133,8 @@ class Conv2d(_Convolution):
         return {"forward": (FORWARD, facts),
                 "input grad": ((INPUT_GRAD, (*facts, self.input_grad_up_to_runs)) if self.input_grad
                                else (None, "input_grad is off")),
-                "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed")}
+                "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed"),
+                "bias grad": self._bias_pass(self.output_shape(x_shape))}
 
     def forward(self, x):
         """x: (N, Cin, H, W) -> y: (N, Cout, OH, OW)."""
@@ -147,7 +160,7 @@ class Conv2d(_Convolution):
             grad, overwrite = self.weight.grad_for_backward()  # overwrite: the first pass after a lazy zero_grad
             run(*passes["weight grad"], dy, x, self.weight.shape, *self.geometry, accumulate=grad,
                 overwrite=overwrite, memo=memo)
-        self._bias_grad(dy)
+        self._bias_grad(passes, dy)
         if not self.input_grad:
             return None
         return run(*passes["input grad"], dy, self.weight.data, x.shape, *self.geometry, memo=memo)
@@ -185,7 +198,8 @@ class ConvTranspose2d(_Convolution):
         """Pass -> (operation, facts): each pass is one of the convolution C's, on C's geometry."""
         facts = conv_facts(self.output_shape(x_shape), self.weight.shape, *self.geometry, x_shape[2:])
         return {"forward": (INPUT_GRAD, facts), "input grad": (FORWARD, facts),
-                "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed")}
+                "weight grad": (WEIGHT_GRAD, facts) if self.weight.trainable else (None, "weight is fixed"),
+                "bias grad": self._bias_pass(self.output_shape(x_shape))}
 
     def forward(self, x):
         """x: (N, Cin, H, W) -> y: (N, Cout, OH, OW): the input gradient of C."""
@@ -209,6 +223,6 @@ class ConvTranspose2d(_Convolution):
         if self.weight.trainable:  # FCN's fixed bilinear upsampling skips this product
             grad, overwrite = self.weight.grad_for_backward()
             run(*passes["weight grad"], x, dy, self.weight.shape, *self.geometry, accumulate=grad, overwrite=overwrite)
-        self._bias_grad(dy)
+        self._bias_grad(passes, dy)
         return dx
 

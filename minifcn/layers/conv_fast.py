@@ -47,6 +47,9 @@ Weight gradient ``dW = dy . cols^T``:
   ``bands``           im2col band by band (or the forward's kept columns), per-thread partial sums, the
                       product in the faster orientation
 
+Bias gradient ``db = sum of dy over the batch and the positions``:
+  ``ones-product``    dy's rows times a vector of ones (a matrix-vector product, on every core)
+
 Rules of thumb behind the thresholds are stated where they are used; the
 measurements that led to them are in ``benchmarks/RESULTS.md``.
 """
@@ -63,6 +66,7 @@ from .columns import BAND_BYTES, Unfolding, conv_output_size, workspace
 from .line_runs import expand_output, plan_cuts, put_lines, saved_fraction, sum_into_cut
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "conv_forward", "conv_input_grad", "conv_weight_grad"
+BIAS_GRAD = "conv_bias_grad"
 
 # Bytes of padded input (all images and channels) per band of the ``shifted``
 # routes, by array module (0: one band). A band's k*k slices and its sums
@@ -1089,3 +1093,33 @@ def _add_products(dw, dy3, cols, overwrite=False):
         xp.matmul(dy2, cols2.T, out=dw)
     else:
         dw += xp.matmul(dy2, cols2.T, out=workspace(xp, dw.dtype, dw.shape, "products"))
+
+
+# --------------------------------------------------------------------------- bias gradient: db = sum of dy
+
+_ONES_KEPT = 16  # vectors of ones kept (read-only), by array module, dtype and length
+_ones = {}
+
+
+def _ones_of(xp, dtype, length):
+    key = (xp.__name__, xp.dtype(dtype).str, length)
+    ones = _ones.get(key)
+    if ones is None:
+        if len(_ones) >= _ONES_KEPT:
+            _ones.clear()
+        ones = _ones[key] = xp.ones(length, dtype=dtype)
+        if xp.__name__ == "numpy":
+            ones.flags.writeable = False
+    return ones
+
+
+@register(BIAS_GRAD, "ones-product", reason="the same sum as dy's rows times a vector of ones: BLAS sums on every "
+                                             "core")
+def bias_grad_by_ones(dy):
+    """``db = sum_n dy[n] @ 1``: dy (N, Cout, OH, OW) as N*Cout rows, each multiplied by ones (a matrix-vector
+    product, which BLAS shares between cores; NumPy's sum runs on one). Float rounding differs from the
+    textbook's pairwise sum (BLAS adds in its own order)."""
+    xp = get_array_module(dy)
+    n, cout, oh, ow = dy.shape
+    rows = xp.ascontiguousarray(dy).reshape(n * cout, oh * ow)
+    return (rows @ _ones_of(xp, dy.dtype, oh * ow)).reshape(n, cout).sum(axis=0)
