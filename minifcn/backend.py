@@ -99,6 +99,25 @@ def device_of(array) -> str:
     return "gpu" if type(array).__module__.startswith("cupy") else "cpu"
 
 
+CONSTANTS_KEPT = 32  # constant arrays kept by :func:`constant_array` (then forgotten, all at once)
+_constants = {}
+
+
+def constant_array(xp, shape, dtype, value):
+    """A read-only array of ``shape`` filled with ``value``, made once per array module, dtype, shape and
+    value and then reused (ReLU's zeros, the bias gradient's ones): a fresh one at every call would be a new
+    allocation, whose pages the first read faults in. Never write into it (NumPy refuses; CuPy cannot)."""
+    key = (xp.__name__, np.dtype(dtype).str, tuple(shape), value)
+    array = _constants.get(key)
+    if array is None:
+        if len(_constants) >= CONSTANTS_KEPT:
+            _constants.clear()
+        array = _constants[key] = xp.full(shape, value, dtype=dtype)
+        if xp is np:
+            array.flags.writeable = False
+    return array
+
+
 @functools.lru_cache(maxsize=None)
 def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str, options: tuple = ()):
     """A ``cupy.ElementwiseKernel``, made once per set of arguments (CuPy compiles it on first call

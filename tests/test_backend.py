@@ -146,3 +146,16 @@ def test_a_mismatched_device_is_named_by_the_layers_input_checks():
         SoftmaxCrossEntropy()(np.zeros((1, 3, 2, 2)), GpuStandIn(np.zeros((1, 2, 2), np.int64)))
     with pytest.raises(ValueError, match=rf"Add: first input {on_cpu}, second input {on_gpu}"):
         Add()(x, GpuStandIn(x))
+
+
+def test_constant_arrays_are_made_once_and_read_only():
+    from minifcn import backend
+
+    zeros = backend.constant_array(np, (3, 4), np.float32, 0)
+    assert zeros is backend.constant_array(np, [3, 4], np.dtype("float32"), 0)
+    assert zeros.dtype == np.float32 and zeros.shape == (3, 4) and not zeros.any()
+    ones = backend.constant_array(np, (3, 4), np.float32, 1)
+    assert ones is not zeros and (ones == 1).all()
+    assert backend.constant_array(np, (3, 4), np.float64, 0).dtype == np.float64
+    with pytest.raises(ValueError, match="read-only"):
+        zeros[0, 0] = 1

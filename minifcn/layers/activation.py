@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import elementwise_kernel, get_array_module
+from ..backend import constant_array, elementwise_kernel, get_array_module
 from ..module import Module
 from ..parallel import pieces, run_pieces
 from ._checks import check_grad, need_forward
 
 
 ZERO_BLOCK_MOST = 1 << 18  # elements of the zeros ReLU's maximum is taken against (a plane, else a row)
-_ZEROS_KEPT = 16           # zero blocks kept (read-only), by array module, dtype and shape
 
 
 def _zero_block(shape):
@@ -21,23 +20,6 @@ def _zero_block(shape):
     "ReLU")."""
     plane = tuple(shape[-2:])
     return plane if int(np.prod(plane)) <= ZERO_BLOCK_MOST else tuple(shape[-1:])
-
-
-_zeros = {}
-
-
-def _zeros_for(xp, dtype, shape):
-    """A block of zeros, made once and kept read-only (new ones each call were a fresh allocation, whose
-    pages the first read faults in)."""
-    key = (xp.__name__, np.dtype(dtype).str, shape)
-    block = _zeros.get(key)
-    if block is None:
-        if len(_zeros) >= _ZEROS_KEPT:
-            _zeros.clear()
-        block = _zeros[key] = xp.zeros(shape, dtype=dtype)
-        if xp is np:
-            block.flags.writeable = False
-    return block
 
 
 class ReLU(Module):
@@ -58,7 +40,7 @@ class ReLU(Module):
         xp = get_array_module(x)
         y = x if self.inplace else xp.empty_like(x)
         mask = xp.empty(x.shape, dtype=bool)
-        zeros = _zeros_for(xp, x.dtype, _zero_block(x.shape))
+        zeros = constant_array(xp, _zero_block(x.shape), x.dtype, 0)  # made once, read-only
 
         def piece(i):  # on the CPU, large batches are cut into one piece per core
             xp.maximum(x[i], zeros, out=y[i])

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import functools
 
-from ..backend import get_array_module
+from ..backend import constant_array, get_array_module
 from ..parallel import num_threads, run_bands, workers_for
 from ..routes import ACROSS_CALLS, register, run
 from ._checks import add_or_store, check_accumulate
@@ -1097,22 +1097,6 @@ def _add_products(dw, dy3, cols, overwrite=False):
 
 # --------------------------------------------------------------------------- bias gradient: db = sum of dy
 
-_ONES_KEPT = 16  # vectors of ones kept (read-only), by array module, dtype and length
-_ones = {}
-
-
-def _ones_of(xp, dtype, length):
-    key = (xp.__name__, xp.dtype(dtype).str, length)
-    ones = _ones.get(key)
-    if ones is None:
-        if len(_ones) >= _ONES_KEPT:
-            _ones.clear()
-        ones = _ones[key] = xp.ones(length, dtype=dtype)
-        if xp.__name__ == "numpy":
-            ones.flags.writeable = False
-    return ones
-
-
 @register(BIAS_GRAD, "ones-product", reason="the same sum as dy's rows times a vector of ones: BLAS sums on every "
                                              "core")
 def bias_grad_by_ones(dy):
@@ -1122,4 +1106,4 @@ def bias_grad_by_ones(dy):
     xp = get_array_module(dy)
     n, cout, oh, ow = dy.shape
     rows = xp.ascontiguousarray(dy).reshape(n * cout, oh * ow)
-    return (rows @ _ones_of(xp, dy.dtype, oh * ow)).reshape(n, cout).sum(axis=0)
+    return (rows @ constant_array(xp, (oh * ow,), dy.dtype, 1)).reshape(n, cout).sum(axis=0)
