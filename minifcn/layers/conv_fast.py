@@ -82,8 +82,8 @@ def conv_facts(x_shape, weight_shape, stride, padding, dilation, out_hw=None):
 
     They depend on the geometry alone, and a layer asks for them at every pass, so the same
     geometry gets the same (never modified) objects back, and what is derived from them once
-    (:func:`padding_core`) is remembered with them: about 2 % of the small FCN's step went to
-    building them again (benchmarks/RESULTS.md)."""
+    (:func:`padding_core`) is remembered with them: about 2 % of the README recipe's step (batch 1)
+    went to building them again (benchmarks/RESULTS.md)."""
     return _facts_of(tuple(map(int, x_shape)), tuple(map(int, weight_shape)), tuple(stride), tuple(padding),
                      tuple(dilation), None if out_hw is None else tuple(map(int, out_hw)))
 
@@ -842,7 +842,8 @@ def forward_by_bands(x, weight, stride, padding, dilation, out_hw=None, bias=Non
 
 # --------------------------------------------------------------------------- input gradient: dx = C^T dy
 
-@register(INPUT_GRAD, "batch-folded", applies=batch_folded_applies, reason=_FOLDED_REASON + ": W^T dy once, then col2im")
+@register(INPUT_GRAD, "batch-folded", applies=batch_folded_applies,
+          reason=_FOLDED_REASON + ": W^T dy once, then col2im")
 def input_grad_batch_folded(dy, weight, x_shape, stride, padding, dilation):
     """``C^T dy`` as one product ``W^T (K, Cout) @ dy (Cout, N*L)``, then col2im of every image
     (no col2im for a 1x1 convolution: the columns are dx). The forward's ``batch-folded``, transposed."""
