@@ -16,7 +16,7 @@ def _zero_block(shape):
     """The shape of the zeros that ``max(x, 0)`` broadcasts over x: its last two axes, or the last one
     where that plane exceeds ``ZERO_BLOCK_MOST`` elements. An array, not the scalar 0: the same numbers
     (NaN stays NaN), but NumPy 2.4's float ``maximum`` against a scalar ran 3x slower than against an
-    array on the AMD EPYC Zen 2, and against a row 1.4x slower than against a plane (benchmarks/RESULTS.md,
+    array on the AMD EPYC Zen 2, and against a row 1.4 to 1.9x slower than against a plane (benchmarks/RESULTS.md,
     "ReLU")."""
     plane = tuple(shape[-2:])
     return plane if int(np.prod(plane)) <= ZERO_BLOCK_MOST else tuple(shape[-1:])
