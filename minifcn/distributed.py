@@ -122,26 +122,46 @@ def global_loss(comm, loss_fn):
     whole batch by the (weighted) count of its non-ignored pixels; a mean of
     the ranks' own means would differ as soon as ranks hold different numbers
     of ignored pixels. So the ranks add up their sums ``S_r`` and counts
-    ``c_r`` (``loss_fn.loss_sum``, ``loss_fn.count``) and, with ``S`` and ``C``
-    the totals::
+    ``c_r`` (``loss_fn.loss_sum``, ``loss_fn.count``): with ``S`` and ``C`` the
+    totals, the loss is :func:`whole_batch_loss` and the scale
+    :func:`loss_scale`. One exchange (two numbers) between the ranks.
 
-        loss  = S / C                       ('mean')   or   S   ('sum')
-        scale = N c_r / C                   ('mean')   or   N   ('sum')
+    Training needs no exchange of its own for this (:func:`minifcn.train.train`):
+    the counts depend on the labels alone, so it adds them up for a whole epoch
+    before the epoch's first step (``loss_fn.count_of``), and the ranks' ``S_r``
+    travel with the step's gradient average (``average_gradients(extra=...)``).
+    """
+    totals = comm.allreduce_sum(np.array([loss_fn.loss_sum, loss_fn.count], dtype=np.float64))
+    loss_sum, count = float(totals[0]), float(totals[1])
+    return (whole_batch_loss(loss_fn.reduction, loss_sum, count),
+            loss_scale(loss_fn.reduction, comm.size, loss_fn.count, count))
+
+
+def whole_batch_loss(reduction: str, loss_sum: float, count: float) -> float:
+    """The global batch's loss from its summed pixel losses ``S`` and counted pixels ``C`` (all ranks)::
+
+        loss = S / C    ('mean'; 0 when C is 0: nothing counted)    or    S    ('sum')
+    """
+    if reduction == "sum":
+        return loss_sum
+    return loss_sum / count if count > 0 else 0.0
+
+
+def loss_scale(reduction: str, size: int, own_count: float, count: float) -> float:
+    """The ``scale`` of rank r's ``loss_fn.backward``, from its own counted pixels ``c_r`` and the global ``C``::
+
+        scale = N c_r / C    ('mean'; 0 when C is 0)    or    N    ('sum')
 
     Rank r's backward gives ``scale`` times the gradient of its own mean (or
     sum), i.e. ``N / C`` times the gradient of its summed pixel losses, and the
     average of that over the N ranks is ``1 / C`` times the gradient of all
-    summed pixel losses: the one-process gradient. With one process,
-    ``scale`` is 1. A global batch with no counted pixel gives loss 0 and
-    scale 0 (zero gradient), as the loss layer does for one batch.
+    summed pixel losses: the one-process gradient. With one process, ``scale``
+    is 1. A global batch with no counted pixel gets scale 0 (zero gradient),
+    as the loss layer does for one batch.
     """
-    totals = comm.allreduce_sum(np.array([loss_fn.loss_sum, loss_fn.count], dtype=np.float64))
-    loss_sum, count = float(totals[0]), float(totals[1])
-    if loss_fn.reduction == "sum":
-        return loss_sum, float(comm.size)
-    if count <= 0:
-        return 0.0, 0.0
-    return loss_sum / count, comm.size * loss_fn.count / count
+    if reduction == "sum":
+        return float(size)
+    return size * own_count / count if count > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -210,8 +230,8 @@ class _NoAverage:
 
     nbytes = 0
 
-    def __call__(self) -> None:
-        return None
+    def __call__(self, extra=None):
+        return None if extra is None else np.array(extra, dtype=np.float64)
 
 
 class _GradientAverager:
@@ -232,9 +252,16 @@ class _GradientAverager:
         """The arrays one step reduces: the buckets, or every trainable gradient."""
         return self.buckets.buffers() if self.route == "buckets" else [p.grad for p in self.params]
 
-    def __call__(self) -> None:
-        for array in self.arrays():
+    def __call__(self, extra=None):
+        """Average the gradients in place; with ``extra``, return its sum over the ranks (float64)."""
+        arrays = self.arrays()
+        if extra is not None and not arrays:
+            return self.comm.allreduce_sum(np.asarray(extra, dtype=np.float64))
+        for array in arrays[:-1] if extra is not None else arrays:
             self.comm.allreduce_mean_(array)
+        if extra is not None:
+            return self.comm.allreduce_mean_and_sum_(arrays[-1], extra)
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -294,8 +321,17 @@ class SingleProcess:
         array *= array.dtype.type(1.0 / self.size)
         return array
 
+    def allreduce_mean_and_sum_(self, array, extra):
+        """:meth:`allreduce_mean_` of ``array``, and the sum over the ranks of the small float64 host vector
+        ``extra`` (returned; ``extra`` is left as it is), in one exchange where the communicator can
+        (:class:`minifcn.local_ranks.SharedMemoryCommunicator`); here, one after the other."""
+        self.allreduce_mean_(array)
+        return self.allreduce_sum(np.asarray(extra, dtype=np.float64))
+
     def gradient_averager(self, params, route: str = "buckets", bucket_bytes: int = BUCKET_BYTES):
-        """A callable that averages the gradients of the trainable ``params`` over the ranks."""
+        """A callable that averages the gradients of the trainable ``params`` over the ranks. Called as
+        ``average(extra=values)`` it also returns the sum over the ranks of ``values`` (float64), which
+        travel with the last gradient array (:meth:`allreduce_mean_and_sum_`)."""
         return _NoAverage()
 
     def gather_objects(self, value):

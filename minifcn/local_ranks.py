@@ -35,7 +35,12 @@ No barrier is needed after the copy back: the next chunk goes to the other set,
 and a rank writes into this set again only after the next chunk's first
 barrier, which no rank passes before every rank has finished copying back.
 Under load every barrier is a chance to wait for a descheduled rank; two sets
-make two barriers a chunk where one set needs three.
+make two barriers a chunk where one set needs three. For the same reason the
+step's loss rides with its gradient average (``allreduce_mean_and_sum_``): a
+few float64 values in the last ``EXTRA_BYTES`` of each slot, added up by rank
+0 in the same two barriers (a separate sum took two more, and beside one busy
+process the short run took 1.80x its time alone instead of about 1.55x on the
+Zen 5 AMD EPYC: benchmarks/RESULTS.md).
 
 The barrier is :class:`RankBarrier`, a semaphore for each ordered pair of
 ranks with a short spin before sleeping: a wait of ``multiprocessing.Barrier``
@@ -66,6 +71,7 @@ from .distributed import BUCKET_BYTES, SingleProcess, _GradientAverager, _pack, 
 
 SLOT_BYTES = 16 << 20  # per rank and set; a larger sum runs in chunks of this (the small FCN-8s's gradient: one)
 SETS = 2               # sets of slots, used in turn (the module docstring says why two)
+EXTRA_BYTES = 4096     # the tail of each slot: float64 values summed with a gradient average (the step's loss)
 SPIN_TRIES = 100       # RankBarrier: non-blocking tries (microseconds in all) before a rank sleeps on a semaphore
 ABORT_POLL_S = 0.1     # RankBarrier: how often a sleeping rank looks whether the barrier was aborted
 STOP_GRACE_S = 2.0     # after a rank failed: how long the others may take to stop on their own before being ended
@@ -162,18 +168,34 @@ class SharedMemoryCommunicator(SingleProcess):
         # bits of allreduce_sum_ then `array *= factor`, one pass over the array fewer.
         return self._allreduce_(array, array.dtype.type(1.0 / self.size))
 
-    def _allreduce_(self, array, factor):
-        """The sum over the ranks, times ``factor`` unless None, in place (module docstring)."""
+    def allreduce_mean_and_sum_(self, array, extra):
+        # The float64 values ride in the tail of the last chunk's slots: two barriers for both, not four.
+        extra = np.asarray(extra, dtype=np.float64).reshape(-1)
+        if extra.nbytes > EXTRA_BYTES:
+            raise ValueError(f"allreduce_mean_and_sum_: at most {EXTRA_BYTES // 8} extra values, got {extra.size}")
+        totals = np.empty_like(extra)
+        self._allreduce_(array, array.dtype.type(1.0 / self.size), (extra, totals))
+        return totals
+
+    def _allreduce_(self, array, factor, extra=None):
+        """The sum over the ranks, times ``factor`` unless None, in place (module docstring). With
+        ``extra = (values, totals)``, the sum of the float64 ``values`` over the ranks goes into ``totals``,
+        carried in the tail of the last chunk's slots (``EXTRA_BYTES`` past the chunk's room) and added up
+        by rank 0, in rank order."""
         xp = get_array_module(array)
         if not array.flags.c_contiguous:
             raise ValueError(f"allreduce_sum_: need a contiguous array, got strides {array.strides}")
         host = array if xp is np else to_numpy(array)
         flat = host.reshape(-1)
-        per = SLOT_BYTES // flat.dtype.itemsize
-        for start in range(0, flat.size, per):
+        per = (SLOT_BYTES - EXTRA_BYTES) // flat.dtype.itemsize
+        starts = range(0, max(flat.size, 1 if extra is not None else 0), per)  # extra values need one chunk
+        for start in starts:
             chunk = flat[start:start + per]
             n, which = chunk.size, self._next_set()
+            last = extra is not None and start == starts[-1]
             self._slot(self.rank, chunk.dtype, n, which)[...] = chunk
+            if last:
+                self._tail(self.rank, extra[0].size, which)[...] = extra[0]
             self._wait()
             lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
             total = self._slot(0, chunk.dtype, n, which)[lo:hi]
@@ -181,11 +203,22 @@ class SharedMemoryCommunicator(SingleProcess):
                 total += self._slot(other, chunk.dtype, n, which)[lo:hi]
             if factor is not None:
                 total *= factor
+            if last and self.rank == 0:
+                tail = self._tail(0, extra[0].size, which)
+                for other in range(1, self.size):
+                    tail += self._tail(other, extra[0].size, which)
             self._wait()
             chunk[...] = self._slot(0, chunk.dtype, n, which)  # no barrier after: the next chunk takes the other set
+            if last:
+                extra[1][...] = self._tail(0, extra[0].size, which)
         if xp is not np:
             array[...] = xp.asarray(host)
         return array
+
+    def _tail(self, rank: int, count: int, which: int):
+        """The first ``count`` float64 values of the last ``EXTRA_BYTES`` of ``rank``'s slot in set ``which``."""
+        offset = (which * self.size + rank + 1) * SLOT_BYTES - EXTRA_BYTES
+        return np.ndarray((count,), dtype=np.float64, buffer=self._block.buf, offset=offset)
 
     def allreduce_sum(self, array):
         return self.allreduce_sum_(np.array(array, copy=True))

@@ -56,7 +56,7 @@ from .checkpoint import (SUFFIX, CheckpointError, checkpoint_writer, first_nonfi
                          split_prefix)
 from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, validate_dataset
 from . import local_ranks
-from .distributed import global_loss, world
+from .distributed import loss_scale, whole_batch_loss, world
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
 from .models import build_model, load_vgg16_npz, transfer_state
@@ -251,6 +251,21 @@ def make_loss(model, reduction: str, class_weight=None):
     if getattr(model, "num_classes", None) == 1:
         return SigmoidBinaryCrossEntropy(reduction=reduction)
     return SoftmaxCrossEntropy(ignore_index=255, reduction=reduction, class_weight=class_weight)
+
+
+def with_next(iterable):
+    """``(item, next item or None)`` pairs of ``iterable``: each item is made one step early."""
+    items = iter(iterable)
+    current = next(items, None)
+    while current is not None:
+        upcoming = next(items, None)
+        yield current, upcoming
+        current = upcoming
+
+
+def pixel_count(loss_fn, labels, model, dtype, device) -> float:
+    """``loss_fn.count`` of a batch with these labels, from the labels alone (before its forward pass)."""
+    return loss_fn.count_of(to_device(labels, device), (len(labels), model.num_classes, *labels.shape[1:]), dtype)
 
 
 def model_dtype(model):
@@ -704,21 +719,34 @@ def _train(cfg: TrainConfig, device, log, comm):
         t0 = time.perf_counter()
         model.train()
         losses = []
-        batches = train_loader.epoch(epoch)
+        batches = with_next(train_loader.epoch(epoch))
         if show_progress:
             from tqdm import tqdm  # noqa: PLC0415
             batches = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True)
-        for images, labels in batches:
+        # On several ranks, a step's loss divisor (the global batch's counted pixels) comes one step early,
+        # with the previous step's gradients, and its loss with its own gradients: one exchange a step
+        # (distributed.global_loss says what the two numbers are). The labels alone give the counts.
+        total = None
+        for (images, labels), upcoming in batches:
             optimizer.lr = schedule(iteration)
+            if total is None and comm.size > 1:  # the epoch's first step: its count has an exchange of its own
+                own = pixel_count(loss_fn, labels, model, cfg.dtype, device)
+                total = float(comm.allreduce_sum(np.array([own]))[0])
             model.zero_grad()
             logits = model(to_device(images, device).astype(cfg.dtype, copy=False))
             loss_fn(logits, to_device(labels, device))
-            loss, scale = global_loss(comm, loss_fn)  # over the global batch (every rank gets the same)
-            if not math.isfinite(loss):
+            if comm.size > 1 and loss_fn.count != own:
+                raise RuntimeError(f"the loss counted {loss_fn.count} pixels where its count_of gave {own}")
+            count = total if comm.size > 1 else loss_fn.count  # the global batch's counted pixels
+            model.backward(loss_fn.backward(loss_scale(loss_fn.reduction, comm.size, loss_fn.count, count)))
+            if comm.size > 1 and upcoming is not None:  # the next step's count, to travel with these gradients
+                own = pixel_count(loss_fn, upcoming[1], model, cfg.dtype, device)
+            loss_sum, total = average_gradients(extra=[loss_fn.loss_sum, own if comm.size > 1 else 0.0])
+            total = float(total) if upcoming is not None else None  # the next step's global count
+            loss = whole_batch_loss(loss_fn.reduction, float(loss_sum), count)
+            if not math.isfinite(loss):  # before the step: the weights stay as they were
                 raise TrainingDiverged(_divergence_message(f"loss is {loss}", epoch + 1, iteration, cfg, ckpt))
-            model.backward(loss_fn.backward(scale))
-            average_gradients()
             optimizer.step()
             losses.append(loss)
             iteration += 1

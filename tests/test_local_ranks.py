@@ -41,6 +41,18 @@ def _collectives(comm):
         mean = comm.allreduce_mean_(mine.copy())  # the sum's bits times the dtype's 1 / n
         report[f"mean {size}"] = bool(np.array_equal(mean, expected * np.float32(1.0 / n)))
         rng = np.random.default_rng(r)  # the next size draws from the start again, as 'expected' does
+    # a mean with float64 values summed in the same exchange (the step's loss): empty, small, past a slot
+    for size in (0, 7, local_ranks.SLOT_BYTES // 4 + 3):
+        mine = rng.standard_normal(size).astype(np.float32)
+        values = np.array([0.1 * (r + 1), 1e-17 * r, 3.0 + r])
+        totals = comm.allreduce_mean_and_sum_(array := mine.copy(), values)
+        expected = sum((np.random.default_rng(o).standard_normal(size).astype(np.float32) if o != r else mine
+                        for o in range(1, n)), start=(np.random.default_rng(0).standard_normal(size)
+                                                      .astype(np.float32) if r else mine).copy())
+        exact = sum((np.array([0.1 * (o + 1), 1e-17 * o, 3.0 + o]) for o in range(1, n)), start=np.array([0.1, 0, 3.0]))
+        report[f"mean+sum {size}"] = bool(np.array_equal(array, expected * np.float32(1.0 / n))
+                                          and np.array_equal(totals, exact) and values[2] == 3.0 + r)
+        rng = np.random.default_rng(r)
     matrix = np.arange(9, dtype=np.int64).reshape(3, 3) * (r + 1)
     report["in place"] = comm.allreduce_sum_(matrix) is matrix
     report["matrix"] = matrix.tolist()
@@ -52,6 +64,7 @@ def _collectives(comm):
         p.grad[...] = (r + 1) * np.arange(p.size).reshape(p.shape) + i
     comm.gradient_averager(params)()
     report["grads"] = [p.grad.tolist() for p in params]
+    report["extra"] = comm.gradient_averager(params)(extra=[r + 0.5, 2.0]).tolist()  # the grads averaged again
     # the preview's predictions, each held by the rank that scored it, of three shapes: everywhere, in order
     kept = {i: np.full((2 + i, 3), 10 * i + 1, np.int64) for i in range(3) if i % n == r}
     report["gathered"] = [g.tolist() for g in gather_predictions(comm, kept, 3)]
@@ -77,8 +90,10 @@ def test_collectives_on_local_ranks(size):
     lines = []
     report = local_ranks.run(size, _collectives, log=lines.append)
     assert report["broadcast"] and report["object"] == {"rank": 0}
-    assert all(report[k] for k in report if k.startswith(("sum ", "mean "))), report
+    assert all(report[k] for k in report if k.startswith(("sum ", "mean ", "mean+sum "))), report
     assert sum(k.startswith("mean ") for k in report) >= 3  # sizes 1, 7 and past a slot (and n - 1)
+    assert sum(k.startswith("mean+sum ") for k in report) == 3
+    assert report["extra"] == [size * size / 2, 2.0 * size]
     assert report["in place"]
     scale = size * (size + 1) // 2
     assert report["matrix"] == (scale * np.arange(9).reshape(3, 3)).tolist()
@@ -294,12 +309,15 @@ def _tiny(out, **kw):
     return TrainConfig(**{**cfg, **kw})
 
 
-def test_two_local_ranks_of_batch_1_take_the_steps_of_one_process_of_batch_2(tmp_path):
+@pytest.mark.parametrize("weights", ["none", "balanced"])
+def test_two_local_ranks_of_batch_1_take_the_steps_of_one_process_of_batch_2(weights, tmp_path):
     """float64, 2 SGD steps with momentum and weight decay: the same parameters and momentum to 1e-10, the
-    same loss and the same scores (the held-out images sharded 2 + 1 between the ranks); rank 0 logs once."""
-    one = train(_tiny(tmp_path / "one", ranks=1, batch_size=2), log=lambda *a: None)
+    same loss and the same scores (the held-out images sharded 2 + 1 between the ranks); rank 0 logs once.
+    With class weights the ranks' (weighted) pixel counts differ from image to image, so each step needs
+    the global batch's count (it comes with the previous step's gradients) for its loss and gradient."""
+    one = train(_tiny(tmp_path / "one", ranks=1, batch_size=2, class_weight=weights), log=lambda *a: None)
     lines = []
-    two = train(_tiny(tmp_path / "two", ranks=2, batch_size=1), log=lines.append)
+    two = train(_tiny(tmp_path / "two", ranks=2, batch_size=1, class_weight=weights), log=lines.append)
     assert sum("epoch 1/1:" in line for line in lines) == 1
     assert any("2 ranks x batch 1 (2 processes of this machine)" in line for line in lines)
     a, meta_a = load_checkpoint(tmp_path / "one" / "checkpoint.npz")

@@ -346,3 +346,42 @@ def test_one_transfer_to_the_host_per_forward(make, rng, monkeypatch):
     labels.flat[3] = 9
     with pytest.raises(ValueError, match="label 9 is out of range"):
         layer(logits, labels)
+
+
+def _soft_bce_case(rng):
+    logits = rng.standard_normal((2, 1, 3, 4))
+    targets = rng.random((2, 3, 4))
+    targets[0, 0] = 255.0  # ignored
+    return SigmoidBinaryCrossEntropy(), logits, targets, {}
+
+
+COUNT_CASES = {**{f"softmax-{case}": (lambda rng, case=case: make_softmax_case(case, rng)) for case in SOFTMAX_CASES},
+               **{f"bce-{case}": (lambda rng, case=case: make_bce_case(case, rng)) for case in BCE_CASES},
+               "bce-soft-targets": _soft_bce_case}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", COUNT_CASES)
+def test_count_of_the_labels_is_the_count_forward_keeps(case, dtype, xp, rng):
+    """``count_of`` (labels, the logits' shape and dtype) gives forward's ``count`` bit for bit: ignored
+    pixels, class weights, soft targets, float32 and float64 (training sums it over the ranks before the
+    step's forward pass)."""
+    layer, logits, labels, _ = COUNT_CASES[case](rng)
+    logits, labels = xp.asarray(logits.astype(dtype)), xp.asarray(labels)
+    layer(logits, labels)
+    count = layer.count_of(labels, logits.shape, dtype)
+    assert type(count) is float and count == layer.count
+    if SOFTMAX_CASES.get(case.removeprefix("softmax-"), [{}])[0].get("class_weight"):  # weights, not pixels
+        assert count != float((to_numpy(labels) < logits.shape[1]).sum())
+
+
+def test_count_of_refuses_what_forward_refuses():
+    labels = np.array([[[0, 1], [2, 7]]])
+    with pytest.raises(ValueError, match="label 7 is out of range for 3 classes"):
+        SoftmaxCrossEntropy().count_of(labels, (1, 3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, H, W\) = \(1, 2, 3\)"):
+        SoftmaxCrossEntropy().count_of(labels, (1, 3, 2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"logits_shape must be \(N, C, H, W\), got \(3, 2, 2\)"):
+        SoftmaxCrossEntropy().count_of(labels, (3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="float targets must lie in"):
+        SigmoidBinaryCrossEntropy().count_of(np.array([[[0.5, 1.5]]]), (1, 1, 1, 2), np.float32)

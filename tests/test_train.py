@@ -923,3 +923,50 @@ def test_float64_training_and_its_checkpoint(tmp_path):
     assert predict_labels(model, next(iter(loader))[0]).shape == (1, 16, 16)
     with pytest.raises(ValueError, match="dtype must be one of float32, float64, got 'float16'"):
         train(tiny_fcn(tmp_path / "bad", dtype="float16"), log=lambda *a: None)
+
+
+class _TwinRanks:
+    """Rank 0 of two ranks that hold the same numbers (the loss's sums double, means stay), recording each
+    exchange. Built on SingleProcess so that every other operation stays the identity."""
+
+    def __new__(cls):
+        from minifcn.distributed import SingleProcess, _GradientAverager  # noqa: PLC0415
+
+        class TwinRanks(SingleProcess):
+            size, calls = 2, None
+
+            def allreduce_sum(self, array):
+                self.calls.append(("sum", np.size(array)))
+                return 2 * np.array(array, dtype=np.asarray(array).dtype, copy=True)
+
+            def allreduce_sum_(self, array):  # the scores and the preview: this rank's own
+                self.calls.append(("sum_", array.size))
+                return array
+
+            def allreduce_mean_(self, array):
+                self.calls.append(("mean", array.size))
+                return array
+
+            def allreduce_mean_and_sum_(self, array, extra):
+                self.calls.append(("mean+sum", array.size))
+                return 2 * np.asarray(extra, dtype=np.float64)
+
+            def gradient_averager(self, params, route="buckets", bucket_bytes=64 << 20):
+                return _GradientAverager(self, params, route, bucket_bytes)
+
+        comm = TwinRanks()
+        comm.calls = []
+        return comm
+
+
+def test_a_step_on_several_ranks_is_one_exchange_with_its_loss_and_the_next_count(tmp_path):
+    """The ranks exchange once a step: the gradients, with the step's loss and the next step's pixel count
+    in the same exchange (two barriers under load, not four); one more sum of a count opens each epoch."""
+    comm = _TwinRanks()
+    cfg = tiny_fcn(tmp_path / "run", batch_size=1, epochs=2)
+    history = train(cfg, log=lambda *a: None, comm=comm)
+    steps = 2 * 4 // 2  # 2 epochs of 4 images on 2 ranks of batch 1
+    assert sum(c[0] == "mean+sum" for c in comm.calls) == steps
+    assert not [c for c in comm.calls if c[0] == "mean"]  # the small FCN's gradients: one bucket
+    assert sum(c == ("sum", 1) for c in comm.calls) == 2  # the first count of each epoch
+    assert all(math.isfinite(loss) and loss > 0 for row in history for loss in row["step_loss"])

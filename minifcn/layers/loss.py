@@ -5,7 +5,9 @@
 Each forward also keeps ``loss_sum`` (the weighted sum of the pixel losses)
 and ``count`` (the weighted number of counted pixels, the divisor of
 'mean'): training over several processes adds these up across them
-(:func:`minifcn.distributed.global_loss`).
+(:mod:`minifcn.distributed`, "The loss of a global batch"). ``count_of(labels,
+logits_shape, dtype)`` gives the same ``count`` from the labels alone, before
+any forward pass (the same arithmetic, the same bits).
 """
 from __future__ import annotations
 
@@ -50,6 +52,15 @@ def _raise_bad_label(labels, bad, layer, num_classes, ignore_index):
 def _to_host(xp, *scalars):
     """Device scalars as Python floats, in one transfer (one device sync on the GPU)."""
     return to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in scalars])).tolist()
+
+
+def _shape_only(labels, logits_shape, dtype):
+    """A stand-in for logits of ``logits_shape`` and ``dtype`` on ``labels``' device, for the checks and
+    dtypes of the pixel weights (``count_of``): one zero broadcast, no memory of that size."""
+    xp = get_array_module(labels)
+    if len(logits_shape) != 4:
+        raise ValueError(f"count_of: logits_shape must be (N, C, H, W), got {tuple(logits_shape)}")
+    return xp.broadcast_to(xp.zeros((), dtype=dtype), tuple(int(d) for d in logits_shape))
 
 
 def _soft_target_masks(targets, logits, layer, ignore_index):
@@ -103,22 +114,38 @@ class SoftmaxCrossEntropy(Module):
                              f"for class {k}")
         self._cache = self.loss_sum = self.count = None
 
-    def forward(self, logits, labels) -> float:
-        check_nchw(logits, "SoftmaxCrossEntropy")
+    def _weights(self, logits, labels):
+        """``(safe, weight, bad)``: the labels with uncounted pixels set to 0 (int64), each pixel's weight
+        in the logits' dtype (0 where not counted, else 1 or its class's weight), the bad-label mask."""
         xp = get_array_module(logits)
         c = logits.shape[1]
         valid, bad = _label_masks(labels, logits, "SoftmaxCrossEntropy", c, self.ignore_index)
         if self.class_weight is not None and self.class_weight.shape != (c,):
             raise ValueError(f"SoftmaxCrossEntropy: class_weight must have shape ({c},), got {self.class_weight.shape}")
         safe = xp.where(valid, labels, 0).astype(xp.int64)
+        weight = valid.astype(logits.dtype)
+        if self.class_weight is not None:
+            weight = weight * xp.asarray(self.class_weight.astype(logits.dtype))[safe]
+        return safe, weight, bad
+
+    def count_of(self, labels, logits_shape, dtype) -> float:
+        """The ``count`` a forward pass on ``labels`` and logits of ``logits_shape`` and ``dtype`` keeps."""
+        safe, weight, bad = self._weights(_shape_only(labels, logits_shape, dtype), labels)
+        total, n_bad = _to_host(get_array_module(labels), weight.sum(), bad.sum())
+        if n_bad:
+            _raise_bad_label(labels, bad, "SoftmaxCrossEntropy", logits_shape[1], self.ignore_index)
+        return total
+
+    def forward(self, logits, labels) -> float:
+        check_nchw(logits, "SoftmaxCrossEntropy")
+        xp = get_array_module(logits)
+        c = logits.shape[1]
+        safe, weight, bad = self._weights(logits, labels)
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = xp.exp(shifted)
         sumexp = exp.sum(axis=1, keepdims=True)
         picked = xp.take_along_axis(shifted, safe[:, None], axis=1)[:, 0]
         pixel_loss = xp.log(sumexp[:, 0]) - picked                    # (N, H, W)
-        weight = valid.astype(logits.dtype)
-        if self.class_weight is not None:
-            weight = weight * xp.asarray(self.class_weight.astype(logits.dtype))[safe]
         loss_sum, total, n_bad = _to_host(xp, (pixel_loss * weight).sum(), weight.sum(), bad.sum())
         if n_bad:
             _raise_bad_label(labels, bad, "SoftmaxCrossEntropy", c, self.ignore_index)
@@ -165,8 +192,10 @@ class SigmoidBinaryCrossEntropy(Module):
         self.ignore_index = ignore_index
         self._cache = self.loss_sum = self.count = None
 
-    def forward(self, logits, targets) -> float:
-        check_nchw(logits, "SigmoidBinaryCrossEntropy", 1)
+    def _weights(self, logits, targets):
+        """``(targets, t, weight, bad, soft)``: the targets as (N, H, W), the targets with uncounted pixels
+        set to 0 and each pixel's weight (0 or 1), both in the logits' dtype, the bad-target mask, and
+        whether the targets are soft (float)."""
         xp = get_array_module(logits)
         if hasattr(targets, "ndim") and targets.ndim == 4:
             if targets.shape[1] != 1:
@@ -177,16 +206,32 @@ class SigmoidBinaryCrossEntropy(Module):
             valid, bad = _soft_target_masks(targets, logits, "SigmoidBinaryCrossEntropy", self.ignore_index)
         else:
             valid, bad = _label_masks(targets, logits, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
-        z = logits[:, 0]
         t = xp.where(valid, targets, 0).astype(logits.dtype)
+        return targets, t, valid.astype(logits.dtype), bad, soft
+
+    def _raise_bad(self, targets, bad, soft):
+        if soft:
+            _raise_bad_soft_target(targets, bad, "SigmoidBinaryCrossEntropy", self.ignore_index)
+        _raise_bad_label(targets, bad, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+
+    def count_of(self, targets, logits_shape, dtype) -> float:
+        """The ``count`` a forward pass on ``targets`` and logits of ``logits_shape`` and ``dtype`` keeps."""
+        targets, _, weight, bad, soft = self._weights(_shape_only(targets, logits_shape, dtype), targets)
+        count, n_bad = _to_host(get_array_module(targets), weight.sum(), bad.sum())
+        if n_bad:
+            self._raise_bad(targets, bad, soft)
+        return count
+
+    def forward(self, logits, targets) -> float:
+        check_nchw(logits, "SigmoidBinaryCrossEntropy", 1)
+        xp = get_array_module(logits)
+        targets, t, weight, bad, soft = self._weights(logits, targets)
+        z = logits[:, 0]
         e = xp.exp(-xp.abs(z))                                        # in (0, 1]: never overflows
         pixel_loss = xp.maximum(z, 0) - z * t + xp.log1p(e)
-        weight = valid.astype(logits.dtype)
         loss_sum, count, n_bad = _to_host(xp, (pixel_loss * weight).sum(), weight.sum(), bad.sum())
-        if n_bad and soft:
-            _raise_bad_soft_target(targets, bad, "SigmoidBinaryCrossEntropy", self.ignore_index)
         if n_bad:
-            _raise_bad_label(targets, bad, "SigmoidBinaryCrossEntropy", 2, self.ignore_index)
+            self._raise_bad(targets, bad, soft)
         norm = (1.0 / count if count > 0 else 0.0) if self.reduction == "mean" else 1.0
         prob = xp.where(z >= 0, 1 / (1 + e), e / (1 + e))             # sigmoid(z) without exp(-z)
         self._cache = (prob, t, weight, norm)
