@@ -175,13 +175,40 @@ def trainable(params):
     return [p for p in out if p.trainable]
 
 
+def _address(a) -> int:
+    """The address of an array's first element (NumPy or CuPy)."""
+    return a.__array_interface__["data"][0] if hasattr(a, "__array_interface__") else a.data.ptr
+
+
+def flat_buffers_of_gradients(params):
+    """``[(flat, members)]``: the 1-D buffers that some of the ``params``' gradients are views into and
+    that they cover whole, one after the other with no gap (as :class:`minifcn.optim.SGD` lays out the
+    gradients of a group), with those parameters in buffer order."""
+    by_base = {}
+    for p in params:
+        base = p.grad.base
+        if base is not None and base.ndim == 1 and base.flags.c_contiguous and p.grad.flags.c_contiguous:
+            by_base.setdefault(id(base), (base, []))[1].append(p)
+    found = []
+    for base, members in by_base.values():
+        members.sort(key=lambda p: _address(p.grad))
+        offsets = [(_address(p.grad) - _address(base)) // base.itemsize for p in members]
+        ends = [o + p.size for o, p in zip(offsets, members)]
+        if offsets[0] == 0 and offsets[1:] == ends[:-1] and ends[-1] == base.size:
+            found.append((base, members))
+    return found
+
+
 class GradientBuckets:
     """The gradients of trainable parameters laid out in flat buffers of at most ``bucket_bytes``.
 
-    Parameters are taken in order; a bucket holds consecutive parameters of one
-    array module and dtype. After construction each ``p.grad`` is a view into
-    its bucket (its values are kept), so backward's ``+=`` fills the buckets
-    directly. :meth:`buffers` returns the flat buffers, first re-attaching any
+    Gradients that already fill a flat buffer together (SGD's packed groups,
+    :func:`flat_buffers_of_gradients`) stay there, and that buffer, cut into
+    pieces of at most ``bucket_bytes``, is reduced as it is. The others are
+    taken in order; a bucket holds consecutive parameters of one array module
+    and dtype. After construction each ``p.grad`` is a view into its bucket
+    (its values are kept), so backward's ``+=`` fills the buckets directly.
+    :meth:`buffers` returns the flat buffers, first re-attaching any
     parameter whose ``.grad`` was replaced by a new array since.
 
     Attributes: ``buffers_`` (list of 1-D arrays), ``nbytes`` (total bytes).
@@ -190,8 +217,16 @@ class GradientBuckets:
     def __init__(self, params, bucket_bytes: int = BUCKET_BYTES):
         if int(bucket_bytes) != bucket_bytes or bucket_bytes < 1:
             raise ValueError(f"GradientBuckets: bucket_bytes must be a positive int, got {bucket_bytes!r}")
+        params = trainable(params)
+        self.buffers_, self._views = [], []
+        laid_out = set()
+        for flat, members in flat_buffers_of_gradients(params):  # SGD's packed groups: reduced where they are
+            per = max(1, int(bucket_bytes) // flat.itemsize)
+            self.buffers_ += [flat[start:start + per] for start in range(0, flat.size, per)]
+            self._views += [(p, p.grad) for p in members]
+            laid_out.update(id(p) for p in members)
         groups, current, used = [], [], 0
-        for p in trainable(params):
+        for p in (p for p in params if id(p) not in laid_out):
             nbytes = p.grad.nbytes
             same_kind = current and (get_array_module(p.grad) is get_array_module(current[0].grad)
                                      and p.grad.dtype == current[0].grad.dtype)
@@ -202,7 +237,6 @@ class GradientBuckets:
             used += nbytes
         if current:
             groups.append(current)
-        self.buffers_, self._views = [], []
         for group in groups:
             xp, dtype = get_array_module(group[0].grad), group[0].grad.dtype
             flat = xp.empty(sum(p.size for p in group), dtype=dtype)

@@ -178,6 +178,8 @@ def route_table(model_name="fcn8s", size=128, model_width=0.125, batch=1, num_cl
     size_all = sum(p.size for _, p in model.named_parameters() if p.trainable)
     chosen = routes.select(ZERO_GRAD)
     rows.append(RouteRow("(all)", "Parameter", "zero grad", ZERO_GRAD, chosen.name, chosen.reason, (size_all,), 0))
+    chosen = routes.select(optim.STEP)
+    rows.append(RouteRow("(all)", "SGD", "step", optim.STEP, chosen.name, chosen.reason, (size_all,), 0))
     chosen = routes.select("sgd_update", size_all, get_array_module(model.conv1_1.weight.data).__name__)
     rows.append(RouteRow("(all)", "SGD", "update", "sgd_update", chosen.name, chosen.reason, (size_all,),
                          6 * size_all))

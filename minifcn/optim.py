@@ -171,6 +171,102 @@ def _update_chunks(w, g, v, lr, mu, wd, nesterov, buf):
         wc -= b
 
 
+STEP = "sgd_step"
+
+
+@register(STEP, "per-parameter", textbook=True, reason="each parameter's update on its own arrays")
+def step_each_parameter(opt) -> None:
+    """:meth:`SGD.step`: the update of each parameter in turn."""
+    for name, p in opt.named_params:
+        opt.update(p, p.data, p.grad, opt.velocity[name])
+
+
+@register(STEP, "packed", reason="one update per group of parameters with the same multipliers, over the flat "
+                                 "buffers SGD laid them out in (a small FCN: 2 calls a step instead of 38)")
+def step_packed(opt) -> None:
+    """:meth:`SGD.step` as one update per :class:`PackedGroup` that is still laid out as SGD made it (and
+    each parameter in turn for the others). Every element goes through the same operations with the same
+    scalars as in :func:`step_each_parameter`: the same bits."""
+    for group in opt.groups:
+        if group.intact(opt.velocity):
+            opt.update(group.params[0][1], group.data, group.grad, group.velocity)
+        else:
+            for name, p in group.params:
+                opt.update(p, p.data, p.grad, opt.velocity[name])
+
+
+class PackedGroup:
+    """Parameters of one array module, dtype, ``lr_mult`` and ``decay_mult``, with their data, gradients
+    and momentum laid out in three flat arrays (``data``, ``grad``, ``velocity``): each ``p.data``,
+    ``p.grad`` and momentum buffer is a view into one (their values kept), so one update of the flat
+    arrays updates them all. ``grad`` is the group's part of one buffer that holds the gradients of
+    every group of that array module and dtype (``grad_buffer``), so that a gradient average over
+    several ranks is one exchange a step. With ``grad_buffer`` None (the gradients already are views
+    into someone else's buffer: distributed gradient buckets made before SGD) the gradients are left
+    where they are, and the group is updated parameter by parameter. A group of one keeps its own data
+    and momentum arrays."""
+
+    def __init__(self, params, velocity, grad_buffer=None):
+        self.params = params
+        first = params[0][1].data
+        xp, total = get_array_module(first), sum(p.size for _, p in params)
+        alone = len(params) == 1
+        self.data = first if alone else xp.empty(total, first.dtype)
+        self.velocity = velocity[params[0][0]] if alone else xp.empty(total, first.dtype)
+        self.grad = grad_buffer
+        self._views, offset = [], 0
+        for name, p in params:
+            part = slice(offset, offset + p.size)
+            if not alone:
+                w, v = self.data[part].reshape(p.shape), self.velocity[part].reshape(p.shape)
+                w[...], v[...] = p.data, velocity[name]
+                p.data, velocity[name] = w, v
+            if grad_buffer is not None:
+                g = grad_buffer[part].reshape(p.shape)
+                g[...] = p.grad
+                p.grad = g
+            self._views.append((name, p, p.data, velocity[name], p.grad))
+            offset += p.size
+
+    def intact(self, velocity) -> bool:
+        """Whether every parameter, gradient and momentum buffer of the group is still its view (not
+        replaced since, as ``Module.to`` or an assignment replaces it). Reading ``p.grad`` also writes the
+        zeros of a lazily zeroed gradient that no backward pass reached."""
+        if self.grad is None:
+            return False
+        return all(p.data is w and p.grad is g and velocity[name] is v for name, p, w, v, g in self._views)
+
+
+def _pack(named, velocity):
+    """The :class:`PackedGroup` of each (array module, dtype, lr_mult, decay_mult) among the ``named``
+    parameters, in order of first appearance; the gradients of each (array module, dtype) in one buffer,
+    group after group."""
+    by_key, seen = {}, set()
+    for name, p in named:
+        if id(p) not in seen:  # a parameter listed twice is laid out once
+            seen.add(id(p))
+            by_key.setdefault(_group_key(p), []).append((name, p))
+    by_kind = {}
+    for key, members in by_key.items():
+        by_kind.setdefault(key[:2], []).append(members)
+    groups = []
+    for kind in by_kind.values():
+        members = [m for group in kind for m in group]
+        own = all(p.grad.base is None for _, p in members)  # not yet in someone's buckets
+        first = members[0][1].data
+        buffer = get_array_module(first).empty(sum(p.size for _, p in members), first.dtype) if own else None
+        offset = 0
+        for group in kind:
+            size = sum(p.size for _, p in group)
+            groups.append(PackedGroup(group, velocity, None if buffer is None else buffer[offset:offset + size]))
+            offset += size
+    return groups
+
+
+def _group_key(p):
+    return get_array_module(p.data).__name__, p.data.dtype.str, p.lr_mult, p.decay_mult
+
+
 class SGD:
     """Stochastic gradient descent.
 
@@ -180,13 +276,20 @@ class SGD:
         lr: base learning rate; each parameter uses ``lr * p.lr_mult``.
         momentum, weight_decay (times ``p.decay_mult``), nesterov.
 
-    ``step()`` updates each parameter in place by the route
-    :func:`minifcn.routes.select` picks: ``fused`` (CuPy: one kernel per
-    parameter, :func:`fused_update`), ``chunked`` (NumPy: 2^16 elements at a
-    time through one scratch buffer, no temporary as large as a parameter; a
-    large parameter's chunks shared by the CPU threads) or,
-    under ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on
-    whole arrays. ``SGD.route(p)`` names the route of ``p``.
+    ``step()`` takes one of two routes (:data:`STEP`): ``per-parameter``,
+    the textbook one, updates each parameter on its own arrays; ``packed``
+    updates each :class:`PackedGroup` (the parameters that share their
+    multipliers, dtype and array module) as one flat array. For that, SGD
+    lays each group out in flat buffers when it is made: ``p.data`` and
+    ``p.grad`` become views into them, with their values (an array that was
+    ``p.data`` before is no longer the parameter's). Either way, a flat array
+    is updated in place by the route :func:`minifcn.routes.select` picks for
+    :data:`UPDATE`: ``fused`` (CuPy: one kernel per array,
+    :func:`fused_update`), ``chunked`` (NumPy: 2^16 elements at a time
+    through one scratch buffer, no temporary as large as a parameter; a large
+    array's chunks shared by the CPU threads) or, under
+    ``MINIFCN_ROUTE=textbook``, :func:`sgd_update`, the same formula on whole
+    arrays. ``SGD.route(p)`` names the update route of ``p``.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False):
@@ -213,6 +316,7 @@ class SGD:
         self.lr, self.momentum, self.weight_decay, self.nesterov = float(lr), float(momentum), float(weight_decay), bool(nesterov)
         self.velocity = {name: get_array_module(p.data).zeros_like(p.data) for name, p in named}
         self._scratch = {}
+        self.groups = _pack(named, self.velocity)
 
     def zero_grad(self) -> None:
         for _, p in self.named_params:
@@ -231,10 +335,14 @@ class SGD:
         return select(UPDATE, *_facts(p.data)).name
 
     def step(self) -> None:
-        for name, p in self.named_params:
-            w, g, v = p.data.reshape(-1), p.grad.reshape(-1), self.velocity[name].reshape(-1)
-            args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
-            run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
+        """Update every trainable parameter in place, by the route of :data:`STEP` in force."""
+        run(STEP, (), self)
+
+    def update(self, p: Parameter, w, g, v) -> None:
+        """The update of the arrays ``w, g, v`` (any shape, contiguous) with ``p``'s multipliers."""
+        w, g, v = w.reshape(-1), g.reshape(-1), v.reshape(-1)
+        args = (w, g, v, self.lr * p.lr_mult, self.momentum, self.weight_decay * p.decay_mult, self.nesterov)
+        run(UPDATE, _facts(w), *args, scratch=lambda: self._buffer(get_array_module(w), w.dtype, w.size))
 
     def state_dict(self):
         """Momentum buffers by parameter name (arrays), for checkpoints."""

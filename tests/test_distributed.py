@@ -103,6 +103,29 @@ def test_gradient_buckets_hold_every_trainable_gradient_and_skip_frozen(rng):
         GradientBuckets(params, bucket_bytes=0)
 
 
+def test_gradient_buckets_reduce_the_flat_gradients_sgd_laid_out_where_they_are(rng):
+    """SGD made first (as training does) lays the gradients out in one flat buffer per dtype, group after
+    group; the buckets take that buffer as it is (cut at bucket_bytes) and move no gradient, so a step is
+    still one exchange however many groups there are."""
+    from minifcn.optim import SGD  # noqa: PLC0415
+
+    params = _params([(4, 3, 3, 3), (4,), (5, 4, 1, 1), (5,), (7, 7)], rng)
+    for p in params[1::2]:
+        p.lr_mult, p.decay_mult = 2.0, 0.0  # biases: a group of two
+    params[4].lr_mult = 0.5                 # alone in its group
+    opt = SGD(params, lr=0.1)
+    grads = [p.grad for p in params]
+    buckets = GradientBuckets(params, bucket_bytes=8 * 100)
+    assert all(p.grad is g for p, g in zip(params, grads))  # SGD's views stay
+    whole = opt.groups[0].grad.base
+    assert all(group.grad.base is whole for group in opt.groups) and whole.size == 108 + 20 + 4 + 5 + 49
+    assert [b.size for b in buckets.buffers()] == [100, 86] and all(b.base is whole for b in buckets.buffers())
+    assert buckets.nbytes == 8 * whole.size
+    params[1].grad[...] = 3.0  # backward writes into SGD's buffer, which is the bucket
+    np.testing.assert_array_equal(buckets.buffers()[1][128 - 100:132 - 100], 3.0)
+    assert all(group.intact(opt.velocity) for group in opt.groups)
+
+
 def test_gradient_buckets_split_by_dtype(rng):
     params = _params([(3,), (2,), (4,)], rng)
     params[1].data, params[1].grad = params[1].data.astype(np.float32), params[1].grad.astype(np.float32)

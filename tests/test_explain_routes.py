@@ -23,7 +23,8 @@ from minifcn.optim import SGD
 
 OPERATIONS = ("conv_forward", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "maxpool_forward",
               "maxpool_input_grad", "sgd_update", "zero_grad")
-WHOLE_MODEL = ("sgd_update", "zero_grad")  # one call per parameter, one row for the model
+WHOLE_MODEL = ("sgd_update", "zero_grad", "sgd_step")  # one row for the model (sgd_step: not spied, it
+# calls sgd_update, once per parameter on the textbook route and once per group on the packed one)
 
 
 def _conv_key(u, cout):
@@ -98,15 +99,20 @@ def test_the_table_names_the_routes_one_training_step_runs(mode, spy):
     table = Counter((r.operation, r.route, _row_key(r, model)) for r in rows
                     if r.operation is not None and r.operation not in WHOLE_MODEL)
     assert ran == table
-    for row, op in zip(rows[-2:], ("zero_grad", "sgd_update")):
-        assert row.operation == op and {name for o, name, _ in spy if o == op} == {row.route}
-        assert sum(1 for o, _, _ in spy if o == op) == len(optimizer.named_params)
+    for row, op in zip(rows[-3:], ("zero_grad", "sgd_step", "sgd_update")):
+        assert row.operation == op
+        if op != "sgd_step":
+            assert {name for o, name, _ in spy if o == op} == {row.route}
+    assert rows[-2].route == ("per-parameter" if mode == "textbook" else "packed")
+    calls = {"zero_grad": len(optimizer.named_params),
+             "sgd_update": len(optimizer.named_params) if mode == "textbook" else len(optimizer.groups)}
+    assert {op: sum(1 for o, _, _ in spy if o == op) for op in calls} == calls
     names = {r.route for r in rows} | {r.hands_over_to for r in rows if r.hands_over_to}
     if mode == "textbook":
-        assert names == {"textbook", "-"}
+        assert names == {"textbook", "-", "per-parameter"}  # (the textbook SGD step's name)
     else:  # FCN-8s takes every kind of fast route somewhere (or hands over to it where the data has no runs)
         assert {"bands", "shifted", "flipped-kernel", "pointwise", "sub-pixel", "space-to-depth", "pieces",
-                "chunked", "padding-core", "repeated-lines", "row-shifted", "lazy", "ones-product"} <= names
+                "chunked", "padding-core", "repeated-lines", "row-shifted", "lazy", "ones-product", "packed"} <= names
     skipped = {(r.layer, r.pass_name) for r in rows if r.operation is None}
     assert skipped == {("conv1_1", "input grad"), ("upscore_pool4", "weight grad"), ("upscore8", "weight grad"),
                        ("upscore2", "bias grad"), ("upscore_pool4", "bias grad"), ("upscore8", "bias grad")}
@@ -126,10 +132,10 @@ def test_every_layer_and_pass_is_listed(width, size, monkeypatch):
     layers = [name for name in dict(model.named_modules()) if isinstance(getattr(model, name, None),
                                                                             (Conv2d, ConvTranspose2d, MaxPool2d))]
     assert len(layers) == 13 + 2 + 3 + 5 + 3  # VGG convs, fc6-7, score layers, pools, upsamplings
-    listed = Counter(r.layer for r in rows[:-2])  # (the last two rows: zero grad and the update)
+    listed = Counter(r.layer for r in rows[:-3])  # (the last three rows: zero grad, the step and the update)
     for name in layers:
         assert listed[name] == (2 if isinstance(getattr(model, name), MaxPool2d) else 4), name
-    assert {r.pass_name for r in rows[:-2]} == set(PASSES)
+    assert {r.pass_name for r in rows[:-3]} == set(PASSES)
     # forward FLOPs are the model's (trace.fcn_flops, from the same wiring)
     forward = {r.layer: r.flops for r in rows if r.pass_name == "forward" and r.kind != "MaxPool2d"}
     assert forward == fcn_flops(model, size, size)

@@ -133,7 +133,7 @@ def test_the_route_is_chosen_by_the_array_module(monkeypatch):
     assert SGD.route(p) == "fused"
     opt.step()
     assert [(len(c[0]), c[3:]) for c in calls] == [(2, (0.2, 0.0, 0.9, True)), (1, (0.1, 0.01, 0.9, True))]
-    assert calls[0][0].base is p.data or calls[0][0] is p.data  # the parameter itself, updated in place
+    assert np.shares_memory(calls[0][0], p.data)  # the parameter itself (its group's buffer), updated in place
     np.testing.assert_array_equal(p.data, [1.0, 2.0])  # the stand-in did the (no) update, not the loop
 
 
@@ -315,7 +315,7 @@ def test_a_large_parameters_chunks_are_shared_by_the_threads_with_the_same_bits(
     for threads in ("1", "2"):
         monkeypatch.setenv("MINIFCN_NUM_THREADS", threads)
         seen.clear()
-        params = [Parameter(w.copy()) for w in start]
+        params = [Parameter(w.copy(), lr_mult=1 + i / 8) for i, w in enumerate(start)]  # a group each
         opt = SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
         with route("fast"):  # (the CI's textbook run would take the textbook update)
             for step in grads:
@@ -333,3 +333,119 @@ def test_a_large_parameters_chunks_are_shared_by_the_threads_with_the_same_bits(
             assert len({ident for ident, _ in seen}) == 1 and len(seen) == 3 * len(start)
     for a, b in zip(result["1"], result["2"]):
         np.testing.assert_array_equal(a, b)
+
+
+def _fcn_params(dtype, seed=0):
+    """A small FCN-8s's parameters with random gradients (weights (1, 1), biases (2, 0); the fixed
+    upsampling left out by SGD), as (model, params)."""
+    model = FCN8s(num_classes=3, width=1 / 32, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():
+        p.grad[...] = rng.standard_normal(p.shape).astype(dtype)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,weight_decay,nesterov", [(0.9, 5e-4, False), (0.99, 5e-4, True), (0.0, 0.0, False)])
+def test_the_packed_step_gives_the_bits_of_the_per_parameter_step(dtype, momentum, weight_decay, nesterov,
+                                                                  monkeypatch):
+    """Three steps of the ``packed`` route (one update per group: FCN's weights, its biases) against the
+    textbook ``per-parameter`` route on a twin: the same parameters and momentum, bit for bit, in float32
+    and float64 (chunks of 64 elements here, so a group spans many and the threads share the larger)."""
+    monkeypatch.setattr(optim_module, "_CHUNK", 64)
+    models = [_fcn_params(dtype), _fcn_params(dtype)]
+    opts = [SGD(m, lr=0.05, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov) for m in models]
+    assert len(opts[1].groups) == 2 and sum(len(g.params) for g in opts[1].groups) == len(opts[1].named_params)
+    rng = np.random.default_rng(1)
+    with routes.route("fast"):
+        for _ in range(3):
+            for a, b in zip(models[0].parameters(), models[1].parameters()):
+                a.grad[...] = b.grad[...] = rng.standard_normal(a.shape).astype(dtype)
+            optim_module.step_each_parameter(opts[0])
+            optim_module.step_packed(opts[1])
+    for (name, a), (_, b) in zip(opts[0].named_params, opts[1].named_params):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=name)
+        np.testing.assert_array_equal(opts[0].velocity[name], opts[1].velocity[name], err_msg=name)
+    assert any(a.data.std() != 0 for a in models[1].parameters())
+
+
+def test_sgd_lays_each_group_out_in_flat_buffers_keeping_the_values():
+    model = _fcn_params(np.float32)
+    before = {name: (p.data.copy(), p.grad.copy()) for name, p in model.named_parameters()}
+    opt = SGD(model, lr=0.1)
+    for group in opt.groups:
+        for name, p in group.params:
+            assert np.shares_memory(p.data, group.data) and np.shares_memory(p.grad, group.grad)
+            assert np.shares_memory(opt.velocity[name], group.velocity)
+            np.testing.assert_array_equal(p.data, before[name][0])
+            np.testing.assert_array_equal(p.grad, before[name][1])
+        assert group.data.size == sum(p.size for _, p in group.params) and group.intact(opt.velocity)
+    fixed = [p for p in model.parameters() if not p.trainable]
+    assert fixed and all(p.data.base is None for p in fixed)  # frozen parameters are left as they are
+
+
+def _twin_steps(prepare, steps=2):
+    """The parameters after ``steps`` steps of the packed route and of the per-parameter route on twins,
+    each after ``prepare(model, opt, step)`` (which sets the gradients)."""
+    out = []
+    for step_fn in (optim_module.step_packed, optim_module.step_each_parameter):
+        model = _fcn_params(np.float64)
+        opt = SGD(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        with routes.route("fast"):
+            for k in range(steps):
+                prepare(model, opt, k)
+                step_fn(opt)
+        out.append([p.data.copy() for p in model.parameters()])
+    return out
+
+
+def test_a_parameter_whose_array_was_replaced_is_still_updated():
+    """An array assigned to ``p.data`` or ``p.grad`` after SGD laid the group out (as Module.to does) takes
+    the group off the packed update: its parameters are updated one by one, on their current arrays."""
+    def prepare(model, opt, k):
+        p = model.conv1_1.weight
+        if k == 0:
+            p.data = p.data.copy()
+            model.conv2_1.bias.grad = model.conv2_1.bias.grad.copy()
+        for q in model.parameters():
+            q.grad[...] = 0.01 * (k + 1)
+    packed, each = _twin_steps(prepare)
+    for a, b in zip(packed, each):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_lazily_zeroed_gradient_that_no_backward_reached_is_zero_in_the_packed_step():
+    """zero_grad's lazy route only marks a gradient zero; the packed update reads the flat buffer, so a
+    gradient that no backward pass wrote must be zeroed before it (the stale values must not be used)."""
+    def prepare(model, opt, k):
+        model.zero_grad()
+        grad, overwrite = model.conv1_1.weight.grad_for_backward()  # one "backward" writes one gradient
+        grad[...] = 0.5
+    packed, each = _twin_steps(prepare)
+    for a, b in zip(packed, each):
+        np.testing.assert_array_equal(a, b)
+    # and against gradients written as zeros by hand: the stale random gradients played no part
+    model = _fcn_params(np.float64)
+    start = [p.data.copy() for p in model.parameters()]
+    opt = SGD(model, lr=0.05, momentum=0.9, weight_decay=0.0)
+    for _ in range(2):
+        with routes.route("fast"):
+            prepare(model, opt, 0)
+            optim_module.step_packed(opt)
+    for (name, p), w0 in zip(model.named_parameters(), start):
+        if name != "conv1_1.weight" and p.trainable:
+            np.testing.assert_array_equal(p.data, w0, err_msg=name)
+
+
+def test_gradients_already_in_someone_elses_buckets_are_left_there():
+    """Buckets made before SGD (the distributed gradient average) keep the gradients: SGD does not move
+    them, and updates those groups parameter by parameter, with the same result."""
+    from minifcn.distributed import GradientBuckets  # noqa: PLC0415
+
+    model = _fcn_params(np.float64)
+    buckets = GradientBuckets(model.parameters())
+    grads = [p.grad for p in model.parameters() if p.trainable]
+    opt = SGD(model, lr=0.05, momentum=0.9)
+    assert all(p.grad is g for p, g in zip([p for p in model.parameters() if p.trainable], grads))
+    assert not any(group.intact(opt.velocity) for group in opt.groups if len(group.params) > 1)
+    assert buckets.buffers()[0] is buckets.buffers_[0]
