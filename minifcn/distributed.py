@@ -55,6 +55,7 @@ import traceback
 import numpy as np
 
 from .backend import get_array_module, to_numpy
+from .optim import ALIGN_BYTES
 
 GRADIENT_ROUTES = ("buckets", "per-parameter")
 BUCKET_BYTES = 64 << 20  # gradient bucket cap; Horovod's default fusion buffer is 64 MiB too
@@ -181,9 +182,10 @@ def _address(a) -> int:
 
 
 def flat_buffers_of_gradients(params):
-    """``[(flat, members)]``: the 1-D buffers that some of the ``params``' gradients are views into and
-    that they cover whole, one after the other with no gap (as :class:`minifcn.optim.SGD` lays out the
-    gradients of a group), with those parameters in buffer order."""
+    """``[(flat, members)]``: the 1-D buffers in which some of the ``params``' gradients lie one after the
+    other, as :class:`minifcn.optim.SGD` lays them out (:func:`minifcn.optim.aligned_offsets`: nothing
+    else in the buffer but the gaps of less than ``ALIGN_BYTES`` before each), with those parameters in
+    buffer order. ``flat`` is the part of the buffer from the first gradient to the end of the last."""
     by_base = {}
     for p in params:
         base = p.grad.base
@@ -194,8 +196,9 @@ def flat_buffers_of_gradients(params):
         members.sort(key=lambda p: _address(p.grad))
         offsets = [(_address(p.grad) - _address(base)) // base.itemsize for p in members]
         ends = [o + p.size for o, p in zip(offsets, members)]
-        if offsets[0] == 0 and offsets[1:] == ends[:-1] and ends[-1] == base.size:
-            found.append((base, members))
+        gaps = [b - a for a, b in zip(ends[:-1], offsets[1:])]
+        if all(0 <= gap * base.itemsize < ALIGN_BYTES for gap in gaps):
+            found.append((base[offsets[0]:ends[-1]], members))
     return found
 
 

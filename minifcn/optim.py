@@ -195,27 +195,54 @@ def step_packed(opt) -> None:
                 opt.update(p, p.data, p.grad, opt.velocity[name])
 
 
+ALIGN_BYTES = 64  # each parameter's first element in SGD's flat buffers: as aligned as an array of its own
+# (4-byte-aligned weights slowed the full-width FCN-8s's forward+backward by 4 %: benchmarks/RESULTS.md)
+
+
+def aligned_offsets(sizes, itemsize: int):
+    """Element offsets of arrays of ``sizes`` laid out one after the other, each rounded up to a
+    multiple of ``ALIGN_BYTES``; and the total length (the gaps between them included)."""
+    step = max(1, ALIGN_BYTES // itemsize)
+    offsets, end = [], 0
+    for size in sizes:
+        start = -(-end // step) * step
+        offsets.append(start)
+        end = start + size
+    return offsets, end
+
+
+def aligned_zeros(xp, size: int, dtype):
+    """A 1-D array of ``size`` zeros whose first element lies on an ``ALIGN_BYTES`` boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = xp.zeros(size + ALIGN_BYTES // itemsize, dtype)
+    address = raw.__array_interface__["data"][0] if hasattr(raw, "__array_interface__") else raw.data.ptr
+    start = (-address % ALIGN_BYTES) // itemsize
+    return raw[start:start + size]
+
+
 class PackedGroup:
     """Parameters of one array module, dtype, ``lr_mult`` and ``decay_mult``, with their data, gradients
     and momentum laid out in three flat arrays (``data``, ``grad``, ``velocity``): each ``p.data``,
     ``p.grad`` and momentum buffer is a view into one (their values kept), so one update of the flat
-    arrays updates them all. ``grad`` is the group's part of one buffer that holds the gradients of
-    every group of that array module and dtype (``grad_buffer``), so that a gradient average over
-    several ranks is one exchange a step. With ``grad_buffer`` None (the gradients already are views
-    into someone else's buffer: distributed gradient buckets made before SGD) the gradients are left
-    where they are, and the group is updated parameter by parameter. A group of one keeps its own data
-    and momentum arrays."""
+    arrays updates them all. The three have the same layout, :func:`aligned_offsets` (the few elements
+    between two parameters are zeros, and an update keeps them zero). ``grad`` is the group's part of
+    one buffer that holds the gradients of every group of that array module and dtype
+    (``grad_buffer``), so that a gradient average over several ranks is one exchange a step. With
+    ``grad_buffer`` None (the gradients already are views into someone else's buffer: distributed
+    gradient buckets made before SGD) the gradients are left where they are, and the group is updated
+    parameter by parameter. A group of one keeps its own data and momentum arrays."""
 
     def __init__(self, params, velocity, grad_buffer=None):
         self.params = params
         first = params[0][1].data
-        xp, total = get_array_module(first), sum(p.size for _, p in params)
+        xp = get_array_module(first)
+        offsets, total = aligned_offsets([p.size for _, p in params], first.dtype.itemsize)
         alone = len(params) == 1
-        self.data = first if alone else xp.empty(total, first.dtype)
-        self.velocity = velocity[params[0][0]] if alone else xp.empty(total, first.dtype)
+        self.data = first if alone else aligned_zeros(xp, total, first.dtype)
+        self.velocity = velocity[params[0][0]] if alone else aligned_zeros(xp, total, first.dtype)
         self.grad = grad_buffer
-        self._views, offset = [], 0
-        for name, p in params:
+        self._views = []
+        for (name, p), offset in zip(params, offsets):
             part = slice(offset, offset + p.size)
             if not alone:
                 w, v = self.data[part].reshape(p.shape), self.velocity[part].reshape(p.shape)
@@ -226,7 +253,6 @@ class PackedGroup:
                 g[...] = p.grad
                 p.grad = g
             self._views.append((name, p, p.data, velocity[name], p.grad))
-            offset += p.size
 
     def intact(self, velocity) -> bool:
         """Whether every parameter, gradient and momentum buffer of the group is still its view (not
@@ -240,7 +266,7 @@ class PackedGroup:
 def _pack(named, velocity):
     """The :class:`PackedGroup` of each (array module, dtype, lr_mult, decay_mult) among the ``named``
     parameters, in order of first appearance; the gradients of each (array module, dtype) in one buffer,
-    group after group."""
+    group after group (each group's part aligned)."""
     by_key, seen = {}, set()
     for name, p in named:
         if id(p) not in seen:  # a parameter listed twice is laid out once
@@ -251,15 +277,13 @@ def _pack(named, velocity):
         by_kind.setdefault(key[:2], []).append(members)
     groups = []
     for kind in by_kind.values():
-        members = [m for group in kind for m in group]
-        own = all(p.grad.base is None for _, p in members)  # not yet in someone's buckets
-        first = members[0][1].data
-        buffer = get_array_module(first).empty(sum(p.size for _, p in members), first.dtype) if own else None
-        offset = 0
-        for group in kind:
-            size = sum(p.size for _, p in group)
-            groups.append(PackedGroup(group, velocity, None if buffer is None else buffer[offset:offset + size]))
-            offset += size
+        first = kind[0][0][1].data
+        lengths = [aligned_offsets([p.size for _, p in group], first.dtype.itemsize)[1] for group in kind]
+        starts, total = aligned_offsets(lengths, first.dtype.itemsize)
+        own = all(p.grad.base is None for group in kind for _, p in group)  # not yet in someone's buckets
+        buffer = aligned_zeros(get_array_module(first), total, first.dtype) if own else None
+        for group, start, length in zip(kind, starts, lengths):
+            groups.append(PackedGroup(group, velocity, None if buffer is None else buffer[start:start + length]))
     return groups
 
 

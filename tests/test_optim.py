@@ -335,6 +335,21 @@ def test_a_large_parameters_chunks_are_shared_by_the_threads_with_the_same_bits(
         np.testing.assert_array_equal(a, b)
 
 
+def _gap_values(opt):
+    """The elements of SGD's flat buffers (data, gradients, momentum) that belong to no parameter."""
+    out = []
+    for group in opt.groups:
+        for flat in (group.data, group.grad, group.velocity):
+            covered = np.zeros(flat.size, bool)
+            for name, p in group.params:
+                for array in (p.data, p.grad, opt.velocity[name]):
+                    if np.shares_memory(array, flat):
+                        start = (array.ctypes.data - flat.ctypes.data) // flat.itemsize
+                        covered[start:start + array.size] = True
+            out.append(flat[~covered])
+    return np.concatenate(out)
+
+
 def _fcn_params(dtype, seed=0):
     """A small FCN-8s's parameters with random gradients (weights (1, 1), biases (2, 0); the fixed
     upsampling left out by SGD), as (model, params)."""
@@ -366,6 +381,8 @@ def test_the_packed_step_gives_the_bits_of_the_per_parameter_step(dtype, momentu
     for (name, a), (_, b) in zip(opts[0].named_params, opts[1].named_params):
         np.testing.assert_array_equal(a.data, b.data, err_msg=name)
         np.testing.assert_array_equal(opts[0].velocity[name], opts[1].velocity[name], err_msg=name)
+    gaps = _gap_values(opts[1])
+    assert gaps.size and not gaps.any()  # the zeros between parameters stay zeros
     assert any(a.data.std() != 0 for a in models[1].parameters())
 
 
@@ -379,7 +396,12 @@ def test_sgd_lays_each_group_out_in_flat_buffers_keeping_the_values():
             assert np.shares_memory(opt.velocity[name], group.velocity)
             np.testing.assert_array_equal(p.data, before[name][0])
             np.testing.assert_array_equal(p.grad, before[name][1])
-        assert group.data.size == sum(p.size for _, p in group.params) and group.intact(opt.velocity)
+        assert group.intact(opt.velocity)
+    gaps = _gap_values(opt)
+    assert 0 < gaps.size < 3 * 16 * len(opt.named_params) and not gaps.any()  # a few zeros between parameters
+    for name, p in model.named_parameters():  # each as aligned as an array of its own
+        if p.trainable:
+            assert {a.ctypes.data % 64 for a in (p.data, p.grad, opt.velocity[name])} == {0}
     fixed = [p for p in model.parameters() if not p.trainable]
     assert fixed and all(p.data.base is None for p in fixed)  # frozen parameters are left as they are
 
