@@ -38,9 +38,9 @@ Under load every barrier is a chance to wait for a descheduled rank; two sets
 make two barriers a chunk where one set needs three. For the same reason the
 step's loss rides with its gradient average (``allreduce_mean_and_sum_``): a
 few float64 values in the last ``EXTRA_BYTES`` of each slot, added up by rank
-0 in the same two barriers (a separate sum took two more, and beside one busy
-process the short run took 1.80x its time alone instead of about 1.55x on the
-Zen 5 AMD EPYC: benchmarks/RESULTS.md).
+0 in the same two barriers (a separate sum took two more: beside one busy
+process the short run took 1.74x its time alone against 1.49x, in alternating
+rounds on the Zen 5 AMD EPYC; benchmarks/RESULTS.md).
 
 The barrier is :class:`RankBarrier`, a semaphore for each ordered pair of
 ranks with a short spin before sleeping: a wait of ``multiprocessing.Barrier``
