@@ -127,15 +127,59 @@ def global_loss(comm, loss_fn):
     totals, the loss is :func:`whole_batch_loss` and the scale
     :func:`loss_scale`. One exchange (two numbers) between the ranks.
 
-    Training needs no exchange of its own for this (:func:`minifcn.train.train`):
-    the counts depend on the labels alone, so it adds them up for a whole epoch
-    before the epoch's first step (``loss_fn.count_of``), and the ranks' ``S_r``
-    travel with the step's gradient average (``average_gradients(extra=...)``).
+    Training needs no exchange of its own for this (:class:`StepLoss`): the
+    counts depend on the labels alone, so each rank's count of its next batch
+    and the step's ``S_r`` travel with the step's gradient average.
     """
     totals = comm.allreduce_sum(np.array([loss_fn.loss_sum, loss_fn.count], dtype=np.float64))
     loss_sum, count = float(totals[0]), float(totals[1])
     return (whole_batch_loss(loss_fn.reduction, loss_sum, count),
             loss_scale(loss_fn.reduction, comm.size, loss_fn.count, count))
+
+
+class StepLoss:
+    """:func:`global_loss`'s loss and scale for each step of one epoch, with no exchange of their own.
+
+    ``count_of(labels)`` gives ``loss_fn.count`` of a batch from its labels alone
+    (``loss_fn.count_of``), so the global count ``C`` of step t+1 is added up with
+    step t's gradients, together with step t's loss sum; only the epoch's first
+    step sums its count apart. Per step, after ``loss_fn``'s forward::
+
+        dlogits = loss_fn.backward(step.scale(labels))
+        sums = average_gradients(extra=step.values(next_labels))   # None after the last step
+        loss = step.loss(sums)
+
+    With one process nothing is counted ahead: ``C`` is ``loss_fn.count``.
+    """
+
+    def __init__(self, comm, loss_fn, count_of):
+        self.comm, self.loss_fn, self.count_of = comm, loss_fn, count_of
+        self._own = self._total = self._next = None  # this rank's and the global count of this step; the next's
+
+    def scale(self, labels) -> float:
+        """The scale of this rank's backward (:func:`loss_scale`), once ``loss_fn`` ran forward on ``labels``."""
+        fn = self.loss_fn
+        if self.comm.size == 1:
+            self._total = fn.count
+        elif self._total is None:  # the epoch's first step: its count is summed on its own
+            self._own = self.count_of(labels)
+            self._total = float(self.comm.allreduce_sum(np.array([self._own]))[0])
+        if self.comm.size > 1 and fn.count != self._own:
+            raise RuntimeError(f"the loss counted {fn.count} pixels where its count_of gave {self._own}")
+        return loss_scale(fn.reduction, self.comm.size, fn.count, self._total)
+
+    def values(self, next_labels) -> list:
+        """What this step's gradient average carries: its loss sum, and this rank's count of the next batch
+        (``next_labels``; None after the epoch's last step)."""
+        counted = self.comm.size > 1 and next_labels is not None
+        self._next = self.count_of(next_labels) if counted else None
+        return [self.loss_fn.loss_sum, 0.0 if self._next is None else self._next]
+
+    def loss(self, sums) -> float:
+        """The step's loss (:func:`whole_batch_loss`) from the summed :meth:`values`; keeps the next count."""
+        loss = whole_batch_loss(self.loss_fn.reduction, float(sums[0]), self._total)
+        self._own, self._total = self._next, None if self._next is None else float(sums[1])
+        return loss
 
 
 def whole_batch_loss(reduction: str, loss_sum: float, count: float) -> float:

@@ -56,7 +56,7 @@ from .checkpoint import (SUFFIX, CheckpointError, checkpoint_writer, first_nonfi
                          split_prefix)
 from .data import DataLoader, IMAGENET_MEAN_RGB, check_learnable, get_dataset, validate_dataset
 from . import local_ranks
-from .distributed import loss_scale, whole_batch_loss, world
+from .distributed import StepLoss, world
 from .layers import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from .metrics import ConfusionMatrix
 from .models import build_model, load_vgg16_npz, transfer_state
@@ -724,27 +724,17 @@ def _train(cfg: TrainConfig, device, log, comm):
             from tqdm import tqdm  # noqa: PLC0415
             batches = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            leave=False, dynamic_ncols=True)
-        # On several ranks, a step's loss divisor (the global batch's counted pixels) comes one step early,
-        # with the previous step's gradients, and its loss with its own gradients: one exchange a step
-        # (distributed.global_loss says what the two numbers are). The labels alone give the counts.
-        total = None
+        # The loss of the global batch and this rank's share of its gradient; the counts they need travel
+        # with the previous step's gradients (distributed.StepLoss), so a step is one exchange.
+        step_loss = StepLoss(comm, loss_fn, lambda labels: pixel_count(loss_fn, labels, model, cfg.dtype, device))
         for (images, labels), upcoming in batches:
             optimizer.lr = schedule(iteration)
-            if total is None and comm.size > 1:  # the epoch's first step: its count has an exchange of its own
-                own = pixel_count(loss_fn, labels, model, cfg.dtype, device)
-                total = float(comm.allreduce_sum(np.array([own]))[0])
             model.zero_grad()
             logits = model(to_device(images, device).astype(cfg.dtype, copy=False))
             loss_fn(logits, to_device(labels, device))
-            if comm.size > 1 and loss_fn.count != own:
-                raise RuntimeError(f"the loss counted {loss_fn.count} pixels where its count_of gave {own}")
-            count = total if comm.size > 1 else loss_fn.count  # the global batch's counted pixels
-            model.backward(loss_fn.backward(loss_scale(loss_fn.reduction, comm.size, loss_fn.count, count)))
-            if comm.size > 1 and upcoming is not None:  # the next step's count, to travel with these gradients
-                own = pixel_count(loss_fn, upcoming[1], model, cfg.dtype, device)
-            loss_sum, total = average_gradients(extra=[loss_fn.loss_sum, own if comm.size > 1 else 0.0])
-            total = float(total) if upcoming is not None else None  # the next step's global count
-            loss = whole_batch_loss(loss_fn.reduction, float(loss_sum), count)
+            model.backward(loss_fn.backward(step_loss.scale(labels)))
+            next_labels = None if upcoming is None else upcoming[1]  # its count goes with these gradients
+            loss = step_loss.loss(average_gradients(extra=step_loss.values(next_labels)))
             if not math.isfinite(loss):  # before the step: the weights stay as they were
                 raise TrainingDiverged(_divergence_message(f"loss is {loss}", epoch + 1, iteration, cfg, ckpt))
             optimizer.step()

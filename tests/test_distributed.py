@@ -607,3 +607,43 @@ def test_ranks_draw_their_own_dropout_masks():
     assert not any((a == b).all() for a, b in zip(first, second))
     assert not any((a == b).all() for a, b in zip(first, later))
     assert not (first[0] == first[1]).all()  # and the two layers differ from each other
+
+
+class _TwoRankSums(SingleProcess):
+    """Rank 0 of two whose partner's numbers are ``partner`` (its count, then its loss sum and next count)."""
+
+    size = 2
+
+    def __init__(self, partner):
+        self.partner = list(partner)
+
+    def allreduce_sum(self, array):
+        mine = np.asarray(array, dtype=np.float64)
+        return mine + np.asarray(self.partner.pop(0), dtype=np.float64)
+
+
+def test_step_loss_gives_global_loss_with_the_counts_one_step_ahead(rng):
+    """Two steps of rank 0 of two: StepLoss's scale and loss equal global_loss's on the same numbers, the
+    second step's count taken from what travelled with the first step's gradients (no sum of its own);
+    a count_of that disagrees with the forward's count is refused, naming both."""
+    from minifcn.distributed import StepLoss  # noqa: PLC0415
+
+    fn = SoftmaxCrossEntropy(class_weight=[0.5, 2.0, 1.0])
+    batches = [(rng.standard_normal((1, 3, 4, 5)), rng.integers(0, 3, (1, 4, 5))) for _ in range(2)]
+    partner = [(7.25, 30.5), (9.5, 12.0)]  # the other rank's (loss sum, count) at each step
+    comm = _TwoRankSums([[partner[0][1]]])
+    step = StepLoss(comm, fn, lambda labels: fn.count_of(labels, (1, 3, 4, 5), np.float64))
+    for t, (logits, labels) in enumerate(batches):
+        fn(logits, labels)
+        expected = global_loss(RankGroup(2, [fn.loss_sum + partner[t][0], fn.count + partner[t][1]]), fn)
+        assert step.scale(labels) == expected[1]
+        values = step.values(batches[1][1] if t == 0 else None)
+        sums = np.add(values, [partner[t][0], partner[t + 1][1] if t == 0 else 0.0])  # what the average returns
+        assert step.loss(sums) == expected[0]
+    assert comm.partner == []  # the second step's count came with the first step's values
+    step = StepLoss(SingleProcess(), fn, lambda labels: 99.0)
+    fn(*batches[0])
+    assert step.scale(batches[0][1]) == 1.0  # one process: nothing counted ahead
+    step = StepLoss(_TwoRankSums([[1.0]]), fn, lambda labels: 99.0)
+    with pytest.raises(RuntimeError, match=r"the loss counted 2\d.* pixels where its count_of gave 99.0"):
+        step.scale(batches[0][1])

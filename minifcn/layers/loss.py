@@ -5,7 +5,7 @@
 Each forward also keeps ``loss_sum`` (the weighted sum of the pixel losses)
 and ``count`` (the weighted number of counted pixels, the divisor of
 'mean'): training over several processes adds these up across them
-(:mod:`minifcn.distributed`, "The loss of a global batch"). ``count_of(labels,
+(:func:`minifcn.distributed.global_loss`, :class:`~minifcn.distributed.StepLoss`). ``count_of(labels,
 logits_shape, dtype)`` gives the same ``count`` from the labels alone, before
 any forward pass (the same arithmetic, the same bits).
 """
