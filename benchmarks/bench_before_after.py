@@ -32,8 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def extract(revision: str, folder: str) -> None:
-    """Write the ``minifcn`` package of ``revision`` to ``folder/minifcn_before``."""
+def extract(revision: str, folder: str, name: str = "minifcn_before") -> None:
+    """Write the ``minifcn`` package of ``revision`` to ``folder/name``."""
     archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", revision, "minifcn"],
                              check=True, capture_output=True).stdout
     tar_path = os.path.join(folder, "before.tar")
@@ -41,7 +41,8 @@ def extract(revision: str, folder: str) -> None:
         f.write(archive)
     with tarfile.open(tar_path) as tar:
         tar.extractall(folder, filter="data")
-    os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, "minifcn_before"))
+    if name != "minifcn":
+        os.rename(os.path.join(folder, "minifcn"), os.path.join(folder, name))
 
 
 def training_step(package: str, batch_size: int, image_size: int, crop_size: int | None = None, batches: int = 32,

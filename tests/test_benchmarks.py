@@ -106,6 +106,22 @@ def test_bench_under_load_times_both_settings_in_both_conditions():
         assert alone > 0 and busy > 0 and ratio == pytest.approx(busy / alone, rel=0.05)
 
 
+@pytest.mark.slow  # four training processes
+def test_bench_under_load_times_an_older_commit_against_the_working_tree():
+    """--before REV: the rows are the package at REV (extracted with git archive, run from there) and the
+    working tree; --also does not go with it."""
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_under_load.py"), "--steps", "2", "--rounds", "1",
+                           "--image-size", "16", "--before", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAD, alone:" in proc.stdout and "working tree, beside a busy process:" in proc.stdout
+    table = [line.split() for line in proc.stdout.splitlines() if line.startswith(("HEAD ", "working tree "))]
+    assert [r[0] for r in table] == ["HEAD", "working"] and all(float(r[-3]) > 0 for r in table)
+    refused = subprocess.run([sys.executable, os.path.join(BENCH, "bench_under_load.py"), "--before", "HEAD",
+                              "--also", "16"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--before compares two versions" in refused.stderr
+
+
 @pytest.mark.slow  # 10 s on a quiet 2-core machine, 15 to 27 s on a contended one (PyTorch's two-thread ops stall)
 def test_bench_layers_quick_prints_table():
     proc = _run("--quick")
