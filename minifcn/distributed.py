@@ -508,6 +508,16 @@ class MPICommunicator(SingleProcess):
         self.comm.Allreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
         return out
 
+    def allreduce_mean_and_sum_(self, array, extra):
+        # The small sum is started first and completes while the ranks meet in the gradient average.
+        out = np.array(extra, dtype=np.float64, copy=True)
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, out, op=self.MPI.SUM)
+        try:
+            self.allreduce_mean_(array)
+        finally:
+            request.Wait()
+        return out
+
     def gradient_averager(self, params, route: str = "buckets", bucket_bytes: int = BUCKET_BYTES):
         return _GradientAverager(self, params, route, bucket_bytes)
 
