@@ -256,11 +256,14 @@ class PackedGroup:
 
     def intact(self, velocity) -> bool:
         """Whether every parameter, gradient and momentum buffer of the group is still its view (not
-        replaced since, as ``Module.to`` or an assignment replaces it). Reading ``p.grad`` also writes the
-        zeros of a lazily zeroed gradient that no backward pass reached."""
+        replaced since, as ``Module.to`` or an assignment replaces it) and every parameter still has the
+        group's multipliers. Reading ``p.grad`` also writes the zeros of a lazily zeroed gradient that no
+        backward pass reached."""
         if self.grad is None:
             return False
-        return all(p.data is w and p.grad is g and velocity[name] is v for name, p, w, v, g in self._views)
+        lr_mult, decay_mult = self.params[0][1].lr_mult, self.params[0][1].decay_mult
+        return all(p.data is w and p.grad is g and velocity[name] is v and p.lr_mult == lr_mult
+                   and p.decay_mult == decay_mult for name, p, w, v, g in self._views)
 
 
 def _pack(named, velocity):

@@ -436,6 +436,20 @@ def test_a_parameter_whose_array_was_replaced_is_still_updated():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_multiplier_changed_after_sgd_was_made_is_followed():
+    """Changing one parameter's lr_mult (or decay_mult) after SGD grouped it takes its group off the packed
+    update, so each parameter is updated with its own multipliers, as the textbook route does."""
+    def prepare(model, opt, k):
+        if k == 0:
+            model.conv2_1.weight.lr_mult = 3.0
+            model.conv3_1.bias.decay_mult = 1.0
+        for q in model.parameters():
+            q.grad[...] = 0.01
+    packed, each = _twin_steps(prepare)
+    for a, b in zip(packed, each):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_lazily_zeroed_gradient_that_no_backward_reached_is_zero_in_the_packed_step():
     """zero_grad's lazy route only marks a gradient zero; the packed update reads the flat buffer, so a
     gradient that no backward pass wrote must be zeroed before it (the stale values must not be used)."""
