@@ -22,8 +22,8 @@ checkpoints written by rank 0. Only the communicator differs:
 * a pipe from rank 0 to each other rank, for the few Python objects (the
   start-up check, the history on resume).
 
-A sum (``allreduce_sum_``), chunk by chunk of at most a slot, each chunk in the
-next set (``turn``: 0, 1, 0, ...)::
+A sum (``allreduce_sum_``), chunk by chunk of at most a slot (less its tail of
+``EXTRA_BYTES``), each chunk in the next set (``turn``: 0, 1, 0, ...)::
 
     every rank r copies its chunk into slot r of the set       barrier
     rank r adds up its own part (1/N of the chunk) of every
