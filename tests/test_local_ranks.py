@@ -53,6 +53,11 @@ def _collectives(comm):
         report[f"mean+sum {size}"] = bool(np.array_equal(array, expected * np.float32(1.0 / n))
                                           and np.array_equal(totals, exact) and values[2] == 3.0 + r)
         rng = np.random.default_rng(r)
+    try:  # more values than a slot's tail holds: refused by name, before any rank waits
+        comm.allreduce_mean_and_sum_(np.zeros(3, np.float32), np.zeros(local_ranks.EXTRA_BYTES // 8 + 1))
+        report["too many extra"] = None
+    except ValueError as exc:
+        report["too many extra"] = str(exc)
     matrix = np.arange(9, dtype=np.int64).reshape(3, 3) * (r + 1)
     report["in place"] = comm.allreduce_sum_(matrix) is matrix
     report["matrix"] = matrix.tolist()
@@ -94,6 +99,7 @@ def test_collectives_on_local_ranks(size):
     assert sum(k.startswith("mean ") for k in report) >= 3  # sizes 1, 7 and past a slot (and n - 1)
     assert sum(k.startswith("mean+sum ") for k in report) == 3
     assert report["extra"] == [size * size / 2, 2.0 * size]
+    assert "at most 512 extra values, got 513" in report["too many extra"]
     assert report["in place"]
     scale = size * (size + 1) // 2
     assert report["matrix"] == (scale * np.arange(9).reshape(3, 3)).tolist()
